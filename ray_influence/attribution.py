@@ -1,0 +1,133 @@
+"""The library in one process: fit factors, take document and query gradients, score.
+
+These functions are what the Ray workers call on their own partitions; run together
+they are the single-process reference the distributed job is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import ekfac
+from .collectors import CovarianceCollector, GradientCollector, LambdaCollector, ProjectedCollector
+from .ekfac import Fisher, ModuleFactors
+from .modules import ModuleSpec
+from .passes import Labels, run_pass
+from .projection import Projection, project_matrix
+from .scoring import Method, flatten, query_vectors, scores
+from .tokens import Example, batches, collate
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+def _labels(fisher: Fisher) -> Labels:
+    return Labels.SAMPLED if Fisher.parse(fisher) is Fisher.TRUE else Labels.DATA
+
+
+def covariance_pass(
+    model: nn.Module,
+    examples: Sequence[Example],
+    specs: dict[str, ModuleSpec],
+    fisher: Fisher = Fisher.TRUE,
+    samples: int = 1,
+    seed: int = 0,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> dict[str, ekfac.CovarianceStats]:
+    """Partial sums of A and G over ``examples`` (one worker's share)."""
+    labels = _labels(fisher)
+    col = CovarianceCollector(specs, samples if labels is Labels.SAMPLED else 1)
+    for group in batches(examples, max_tokens):
+        batch = collate(group)
+        run_pass(model, batch, specs, col, labels, seed, "covariance")
+        col.add_tokens(batch.n_tokens)
+    return col.result()
+
+
+def lambda_pass(
+    model: nn.Module,
+    examples: Sequence[Example],
+    specs: dict[str, ModuleSpec],
+    bases: Mapping[str, ekfac.Eigenbasis],
+    fisher: Fisher = Fisher.TRUE,
+    samples: int = 1,
+    seed: int = 0,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> dict[str, ekfac.LambdaStats]:
+    """Partial sums of Λ over ``examples`` in the given eigenbases."""
+    labels = _labels(fisher)
+    col = LambdaCollector(dict(bases), samples if labels is Labels.SAMPLED else 1)
+    for group in batches(examples, max_tokens):
+        run_pass(model, collate(group), specs, col, labels, seed, "lambda")
+        col.add_docs(len(group))
+    return col.result()
+
+
+def fit_factors(
+    model: nn.Module,
+    examples: Sequence[Example],
+    specs: dict[str, ModuleSpec],
+    fisher: Fisher = Fisher.TRUE,
+    samples: int = 1,
+    seed: int = 0,
+    damping: str | float = "auto",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> dict[str, ModuleFactors]:
+    """EK-FAC factors of every tracked module: covariance pass, eigh, Λ pass."""
+    if not examples:
+        raise ValueError("cannot fit factors on zero examples")
+    cov = covariance_pass(model, examples, specs, fisher, samples, seed, max_tokens)
+    bases = {n: ekfac.eigenbasis(c) for n, c in cov.items()}
+    lam = lambda_pass(model, examples, specs, bases, fisher, samples, seed, max_tokens)
+    return {n: ekfac.module_factors(bases[n], cov[n], lam[n], damping) for n in specs}
+
+
+@dataclass(frozen=True)
+class DocGradients:
+    """Per-document gradients of a list of examples.
+
+    Attributes:
+        keys: the examples' keys, in order.
+        grads: ``{name: [N, d_out, d_in']}`` exact, or ``[N, k, k]`` projected.
+        losses: ``[N]`` data losses (non-finite ones mark rows to skip).
+    """
+
+    keys: tuple[str, ...]
+    grads: dict[str, torch.Tensor]
+    losses: torch.Tensor
+
+
+def document_gradients(
+    model: nn.Module,
+    examples: Sequence[Example],
+    specs: dict[str, ModuleSpec],
+    projections: Mapping[str, Projection] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> DocGradients:
+    """Per-document gradients with the data's labels: exact, or projected when given."""
+    if not examples:
+        raise ValueError("no examples to take gradients of")
+    col = GradientCollector(specs) if projections is None else ProjectedCollector(dict(projections))
+    losses = []
+    for group in batches(examples, max_tokens):
+        losses.append(run_pass(model, collate(group), specs, col, Labels.DATA))
+    return DocGradients(tuple(e.key for e in examples), col.result(), torch.cat(losses))
+
+
+def influence_scores(
+    method: Method,
+    query_grads: Mapping[str, torch.Tensor],
+    doc_grads: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    factors_ft: Mapping[str, ModuleFactors] | None,
+    factors_pt: Mapping[str, ModuleFactors] | None,
+    projections: Mapping[str, Projection] | None = None,
+) -> torch.Tensor:
+    """``[Q, N]`` scores of a method, from exact query gradients and (projected) doc gradients."""
+    u = query_vectors(method, query_grads, factors_ft, factors_pt)
+    if projections is not None:
+        u = {n: project_matrix(u[n], projections[n]) for n in names}
+    return scores(flatten(u, names), flatten(doc_grads, names), cosine=Method.parse(method).cosine)

@@ -1,0 +1,288 @@
+"""EK-FAC curvature as pure functions on tensors (DESIGN.md §2).
+
+Tensor layout, used throughout the package and converted into in one place
+(:func:`ray_influence.capture.to_layout`):
+
+    a       activations        [B, T, d_in']   module input, bias column of ones appended
+                                               when the module has a bias; zero at padding
+    g       output-gradients   [B, T, d_out]   dL/d(module output); zero at padding
+    DW      per-doc gradients  [N, d_out, d_in']  DW_n = sum_t g_t a_t^T
+    V       any matrix in weight space [..., d_out, d_in']
+
+Index conventions in the einsums: ``b`` documents of a batch, ``t`` positions,
+``i``/``j`` input features (d_in'), ``o``/``p`` output features (d_out).
+
+Symbols (DESIGN.md) and code names:
+
+    A = (1/N_tokens) sum_t a_t a_t^T        CovarianceStats.a_sum / n_tokens
+    G = (1/N_tokens) sum_t g_t g_t^T        CovarianceStats.g_sum / n_tokens
+    A = Q_A diag(s_A) Q_A^T                 Eigenbasis.q_a, .s_a
+    G = Q_G diag(s_G) Q_G^T                 Eigenbasis.q_g, .s_g
+    Λ = (1/N_docs) sum_n (Q_G^T DW_n Q_A)^2  LambdaStats.lam_sum / n_docs
+    (H + λ)^-1 V = Q_G [(Q_G^T V Q_A) / (Λ + λ)] Q_A^T     ihvp()
+
+With a row-major ``vec``, ``vec(Q_G^T V Q_A) = (Q_G ⊗ Q_A)^T vec(V)``, so the dense
+EK-FAC matrix is ``(Q_G ⊗ Q_A) diag(vec Λ) (Q_G ⊗ Q_A)^T`` (:func:`dense_ekfac`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+STATS_DTYPE = torch.float64
+"""Partial sums and eigendecompositions are kept in float64 whatever the model dtype."""
+
+AUTO_DAMPING_FACTOR = 0.1
+"""``damping: auto`` is this factor times mean(Λ) per module (kronfluence's heuristic)."""
+
+
+class Fisher(str, enum.Enum):
+    """Which labels the covariance and Λ passes back-propagate."""
+
+    TRUE = "true"  # labels sampled from the model's predictive distribution
+    EMPIRICAL = "empirical"  # the data's own labels
+
+    @classmethod
+    def parse(cls, value: object) -> "Fisher":
+        """Accepts ``true``/``True`` (the YAML boolean) or ``empirical``."""
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls.TRUE
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise ValueError(
+                f"unknown fisher {value!r}; expected one of {tuple(f.value for f in cls)}"
+            ) from None
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass(frozen=True)
+class CovarianceStats:
+    """Partial sums of the Kronecker factors of one module; merge with ``+``.
+
+    Attributes:
+        a_sum: ``sum_t a_t a_t^T``, ``[d_in', d_in']`` float64.
+        g_sum: ``sum_t g_t g_t^T`` averaged over label samples, ``[d_out, d_out]`` float64.
+        n_tokens: number of non-padding tokens summed.
+    """
+
+    a_sum: torch.Tensor
+    g_sum: torch.Tensor
+    n_tokens: int
+
+    def __add__(self, other: "CovarianceStats") -> "CovarianceStats":
+        _check_same_shape("a_sum", self.a_sum, other.a_sum)
+        _check_same_shape("g_sum", self.g_sum, other.g_sum)
+        return CovarianceStats(self.a_sum + other.a_sum, self.g_sum + other.g_sum, self.n_tokens + other.n_tokens)
+
+
+@dataclass(frozen=True)
+class LambdaStats:
+    """Partial sums of the eigenvalue correction of one module; merge with ``+``.
+
+    Attributes:
+        lam_sum: ``sum_n (Q_G^T DW_n Q_A)^2`` averaged over label samples, ``[d_out, d_in']``.
+        n_docs: number of documents summed.
+    """
+
+    lam_sum: torch.Tensor
+    n_docs: int
+
+    def __add__(self, other: "LambdaStats") -> "LambdaStats":
+        _check_same_shape("lam_sum", self.lam_sum, other.lam_sum)
+        return LambdaStats(self.lam_sum + other.lam_sum, self.n_docs + other.n_docs)
+
+
+def _check_same_shape(what: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.shape != y.shape:
+        raise ValueError(f"cannot merge {what} of shape {tuple(x.shape)} with {tuple(y.shape)}")
+
+
+def sum_stats(parts: Sequence):
+    """Sums a non-empty sequence of CovarianceStats or LambdaStats."""
+    if not parts:
+        raise ValueError("no partial statistics to merge")
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
+def outer_sum(x: torch.Tensor) -> torch.Tensor:
+    """``sum_{b,t} x_bt x_bt^T`` in float64: ``[B, T, d] -> [d, d]`` (padding rows are zero)."""
+    x2 = x.reshape(-1, x.shape[-1]).to(STATS_DTYPE)
+    return x2.T @ x2
+
+
+# ------------------------------------------------------------------------- eigenbasis
+
+
+@dataclass(frozen=True)
+class Eigenbasis:
+    """Eigendecompositions of the two Kronecker factors of one module (float64).
+
+    Attributes:
+        q_a: ``[d_in', d_in']`` eigenvectors of A (columns).
+        s_a: ``[d_in']`` eigenvalues of A.
+        q_g: ``[d_out, d_out]`` eigenvectors of G.
+        s_g: ``[d_out]`` eigenvalues of G.
+    """
+
+    q_a: torch.Tensor
+    s_a: torch.Tensor
+    q_g: torch.Tensor
+    s_g: torch.Tensor
+
+
+def eigenbasis(stats: CovarianceStats) -> Eigenbasis:
+    """Normalises the partial sums by the token count and eigendecomposes in float64.
+
+    Raises:
+        ValueError: if no token was counted.
+    """
+    if stats.n_tokens <= 0:
+        raise ValueError(f"cannot eigendecompose covariances over n_tokens={stats.n_tokens}")
+    a = stats.a_sum.to(STATS_DTYPE) / stats.n_tokens
+    g = stats.g_sum.to(STATS_DTYPE) / stats.n_tokens
+    # Symmetrise against round-off before eigh.
+    s_a, q_a = torch.linalg.eigh(0.5 * (a + a.T))
+    s_g, q_g = torch.linalg.eigh(0.5 * (g + g.T))
+    return Eigenbasis(q_a=q_a, s_a=s_a, q_g=q_g, s_g=s_g)
+
+
+def rotate_activations(a: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """``a Q_A``: activations in A's eigenbasis, ``[B, T, d_in'] -> [B, T, d_in']``."""
+    return a @ q_a.to(a.dtype)
+
+
+def rotate_gradients(g: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
+    """``g Q_G``: output-gradients in G's eigenbasis, ``[B, T, d_out] -> [B, T, d_out]``."""
+    return g @ q_g.to(g.dtype)
+
+
+def per_doc_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``DW_b = sum_t g_t a_t^T``: ``[B, T, d_in'], [B, T, d_out] -> [B, d_out, d_in']``."""
+    return torch.einsum("bto,bti->boi", g, a)
+
+
+def lambda_sum(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
+    """Eigenvalue-correction partial sum of one batch and one label sample.
+
+    Args:
+        a_rot: activations in A's eigenbasis ``[B, T, d_in']`` (:func:`rotate_activations`).
+        g_rot: output-gradients in G's eigenbasis ``[B, T, d_out]`` (:func:`rotate_gradients`).
+
+    Returns:
+        ``sum_b (Q_G^T DW_b Q_A)^2`` as ``[d_out, d_in']`` float64.
+    """
+    dw_rot = per_doc_gradients(a_rot, g_rot).to(STATS_DTYPE)  # [B, d_out, d_in']
+    return dw_rot.square().sum(dim=0)
+
+
+# ---------------------------------------------------------------------------- factors
+
+
+@dataclass(frozen=True)
+class ModuleFactors:
+    """Everything the iHVP of one module needs.
+
+    Attributes:
+        q_a: ``[d_in', d_in']`` eigenvectors of A.
+        q_g: ``[d_out, d_out]`` eigenvectors of G.
+        lam: ``[d_out, d_in']`` corrected eigenvalues Λ.
+        damping: the resolved damping λ (a float, never applied in place).
+        n_tokens: tokens behind A and G.
+        n_docs: documents behind Λ.
+    """
+
+    q_a: torch.Tensor
+    q_g: torch.Tensor
+    lam: torch.Tensor
+    damping: float
+    n_tokens: int
+    n_docs: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q_g.shape[0], self.q_a.shape[0])
+
+
+def resolve_damping(lam: torch.Tensor, damping: str | float) -> float:
+    """The damping λ for one module.
+
+    Args:
+        lam: Λ ``[d_out, d_in']``.
+        damping: ``"auto"`` (``0.1 * mean(Λ)``) or a non-negative float.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if isinstance(damping, str):
+        if damping != "auto":
+            raise ValueError(f"unknown damping {damping!r}; expected 'auto' or a non-negative float")
+        value = AUTO_DAMPING_FACTOR * float(lam.mean())
+        # A module whose gradients all vanish would get λ = 0 and an undefined inverse.
+        return value if value > 0 else 1e-12
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+        raise ValueError(f"invalid damping {damping!r}; expected 'auto' or a non-negative float")
+    return float(damping)
+
+
+def module_factors(
+    basis: Eigenbasis, cov: CovarianceStats, lam: LambdaStats, damping: str | float
+) -> ModuleFactors:
+    """Assembles :class:`ModuleFactors` from the eigenbasis and the Λ partial sums."""
+    if lam.n_docs <= 0:
+        raise ValueError(f"cannot normalise Λ over n_docs={lam.n_docs}")
+    lam_mean = lam.lam_sum.to(STATS_DTYPE) / lam.n_docs
+    return ModuleFactors(
+        q_a=basis.q_a,
+        q_g=basis.q_g,
+        lam=lam_mean,
+        damping=resolve_damping(lam_mean, damping),
+        n_tokens=cov.n_tokens,
+        n_docs=lam.n_docs,
+    )
+
+
+def ihvp(v: torch.Tensor, factors: ModuleFactors) -> torch.Tensor:
+    """Damped inverse EK-FAC times V.
+
+    ``(H + λ I)^-1 V = Q_G [(Q_G^T V Q_A) ⊘ (Λ + λ)] Q_A^T``, computed in float64.
+
+    Args:
+        v: ``[..., d_out, d_in']``.
+        factors: the module's :class:`ModuleFactors`.
+
+    Returns:
+        ``[..., d_out, d_in']`` in float64.
+
+    Raises:
+        ValueError: if ``v``'s trailing shape is not the module's.
+    """
+    if tuple(v.shape[-2:]) != factors.shape:
+        raise ValueError(f"ihvp: vector of shape {tuple(v.shape)} does not match module shape {factors.shape}")
+    q_a, q_g = factors.q_a.to(v.device), factors.q_g.to(v.device)
+    lam = factors.lam.to(v.device)
+    v64 = v.to(STATS_DTYPE)
+    rotated = q_g.T @ v64 @ q_a  # [..., d_out, d_in']
+    rotated = rotated / (lam + factors.damping)
+    return q_g @ rotated @ q_a.T
+
+
+def dense_ekfac(q_a: torch.Tensor, q_g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """The EK-FAC matrix ``(Q_G ⊗ Q_A) diag(vec Λ) (Q_G ⊗ Q_A)^T``, for tests on tiny modules.
+
+    Returns:
+        ``[d_out * d_in', d_out * d_in']`` acting on row-major ``vec(V)``.
+    """
+    q = torch.kron(q_g, q_a)
+    return q @ torch.diag(lam.reshape(-1)) @ q.T

@@ -1,0 +1,120 @@
+"""One forward and one or more activation-only backward passes over a batch.
+
+The model's parameters are frozen (``requires_grad=False``) and backward is asked only
+for the gradient of the input embeddings, so autograd computes activation gradients and
+never a weight gradient. Tracked modules' inputs and output-gradients go to a
+*collector* (:mod:`ray_influence.collectors`) through :func:`ray_influence.capture.capture`.
+
+Loss of a row: ``L = sum_t -log p(y_t | x_<t)`` over its loss targets (a sum, never a
+mean). ``y`` are the data's tokens (``Labels.DATA``: index, query and empirical-Fisher
+passes) or are sampled from the model's predictive distribution (``Labels.SAMPLED``: the
+true Fisher), ``samples`` draws per position, each its own backward. Sampling is seeded
+per row from ``(seed, pass name, row key, sample)``, so it does not depend on batching,
+workers or retries.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .capture import capture
+from .modules import ModuleSpec
+from .projection import stable_seed
+from .tokens import Batch
+
+
+class Labels(str, enum.Enum):
+    DATA = "data"
+    SAMPLED = "sampled"
+
+
+class Collector(Protocol):
+    """Receives the captured tensors of one pass (see :mod:`ray_influence.collectors`)."""
+
+    samples: int
+
+    def keep_input(self, name: str, a: torch.Tensor): ...
+
+    def on_grad(self, name: str, kept, g: torch.Tensor) -> None: ...
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Puts ``model`` in eval mode with every parameter frozen; returns it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _sample_targets(logits: torch.Tensor, batch: Batch, seed: int, pass_name: str, samples: int) -> torch.Tensor:
+    """Labels drawn from the model, ``[S, B, T-1]`` (positions not in the loss are 0)."""
+    probs = torch.softmax(logits.detach(), dim=-1)  # [B, T-1, V]
+    targets_mask = batch.loss_mask[:, 1:]
+    out = torch.zeros((samples, *targets_mask.shape), dtype=torch.long, device=logits.device)
+    for row, key in enumerate(batch.keys):
+        pos = targets_mask[row].nonzero(as_tuple=True)[0]
+        if len(pos) == 0:
+            continue
+        gen = torch.Generator(device=logits.device).manual_seed(stable_seed("labels", seed, pass_name, key))
+        drawn = torch.multinomial(probs[row, pos], samples, replacement=True, generator=gen)  # [n_pos, S]
+        out[:, row, pos] = drawn.T
+    return out
+
+
+def run_pass(
+    model: nn.Module,
+    batch: Batch,
+    specs: dict[str, ModuleSpec],
+    collector: Collector,
+    labels: Labels = Labels.DATA,
+    seed: int = 0,
+    pass_name: str = "",
+) -> torch.Tensor:
+    """Runs the forward and ``collector.samples`` backward passes of one batch.
+
+    Args:
+        model: a frozen causal LM (:func:`freeze`); its device and dtype are used.
+        batch: the padded batch (moved to the model's device here).
+        specs: the tracked modules.
+        collector: gets every tracked module's inputs and output-gradients.
+        labels: data labels or labels sampled from the model.
+        seed: base seed of label sampling.
+        pass_name: separates the label streams of different passes.
+
+    Returns:
+        ``[B]`` float64 per-row losses with the data's labels (to detect non-finite rows).
+
+    Raises:
+        ValueError: if a parameter requires grad (weight gradients would be computed).
+    """
+    param = next(model.parameters())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"parameters {trainable[:3]} require grad; freeze the model first "
+            "(ray_influence.passes.freeze) so backward computes no weight gradient"
+        )
+    if labels is Labels.DATA and collector.samples != 1:
+        raise ValueError(f"data labels give one gradient per row; got samples={collector.samples}")
+    batch = batch.to(param.device)
+    embed = model.get_input_embeddings()
+    with torch.enable_grad():
+        inputs_embeds = embed(batch.input_ids).detach().requires_grad_(True)
+        with capture(model, specs, batch.token_mask, collector.on_grad, collector.keep_input):
+            logits = model(inputs_embeds=inputs_embeds, attention_mask=batch.token_mask.long()).logits
+            # Half-precision logits are upcast for the softmax; float64 stays float64.
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]
+            weights = batch.loss_mask[:, 1:].to(logp.dtype)  # [B, T-1]
+            data_loss = -(logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) * weights).sum(-1)
+            if labels is Labels.DATA:
+                targets = [batch.input_ids[:, 1:]]
+            else:
+                targets = list(_sample_targets(logits[:, :-1], batch, seed, pass_name, collector.samples))
+            for s, y in enumerate(targets):
+                loss = -(logp.gather(-1, y[..., None]).squeeze(-1) * weights).sum()
+                torch.autograd.grad(loss, inputs_embeds, retain_graph=s < len(targets) - 1)
+    return data_loss.detach().to(torch.float64).cpu()

@@ -1,0 +1,160 @@
+"""Tiny models and a word-level tokenizer built from configs, for tests and the demo.
+
+Nothing is downloaded: models are random-initialised from transformers configs and the
+tokenizer is a word-level vocabulary built from the text it will see. Saved with
+``save_pretrained``, they load back through the same ``from_pretrained`` code as real
+checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>")
+
+
+def word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over every word in ``texts``.
+
+    Token ids: ``<pad>`` 0, ``<unk>`` 1, ``<eos>`` 2, then words in sorted order, so the
+    same texts always give the same vocabulary.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", bos_token="<eos>"
+    )
+
+
+def _gpt_neox(vocab: int, hidden: int, layers: int, heads: int, positions: int) -> PreTrainedModel:
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, max_position_embeddings=positions, rotary_pct=0.5,
+        bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    return GPTNeoXForCausalLM(cfg)
+
+
+def _llama(vocab: int, hidden: int, layers: int, heads: int, positions: int) -> PreTrainedModel:
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),  # grouped-query attention
+        intermediate_size=2 * hidden, max_position_embeddings=positions,
+        bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _gpt2(vocab: int, hidden: int, layers: int, heads: int, positions: int) -> PreTrainedModel:
+    cfg = GPT2Config(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=positions,
+        bos_token_id=2, eos_token_id=2, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _bloom(vocab: int, hidden: int, layers: int, heads: int, positions: int) -> PreTrainedModel:
+    cfg = BloomConfig(
+        vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads,
+        bos_token_id=2, eos_token_id=2, pad_token_id=0,
+        hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    return BloomForCausalLM(cfg)
+
+
+ARCHITECTURES: dict[str, Callable[..., PreTrainedModel]] = {
+    "gpt_neox": _gpt_neox,
+    "llama": _llama,
+    "gpt2": _gpt2,
+    "bloom": _bloom,
+}
+
+
+def tiny_model(
+    arch: str,
+    vocab_size: int,
+    hidden: int = 16,
+    layers: int = 2,
+    heads: int = 4,
+    positions: int = 128,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A random-initialised decoder of architecture ``arch`` (one of :data:`ARCHITECTURES`).
+
+    Raises:
+        ValueError: for an unknown architecture, naming the known ones.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {tuple(ARCHITECTURES)}")
+    torch.manual_seed(seed)
+    model = ARCHITECTURES[arch](vocab_size, hidden, layers, heads, positions)
+    return model.to(dtype).eval()
+
+
+def perturbed_copy(model: PreTrainedModel, scale: float = 0.05, seed: int = 1) -> PreTrainedModel:
+    """A copy of ``model`` with every parameter moved by relative Gaussian noise (a toy "fine-tune")."""
+    import copy
+
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            p.add_(scale * p.detach().abs().mean() * noise)
+    return out
+
+
+def train(model: PreTrainedModel, examples, steps: int, lr: float = 3e-3, batch_size: int = 16, seed: int = 0) -> PreTrainedModel:
+    """Trains ``model`` in place with AdamW on the examples' loss targets (mean per token).
+
+    Args:
+        examples: :class:`ray_influence.tokens.Example` s; only their loss targets count.
+        steps: optimizer steps; batches cycle through a seeded shuffle of the examples.
+
+    Returns:
+        The same model, in eval mode, parameters frozen again.
+    """
+    from .tokens import collate
+
+    model.train()
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        batch = collate([examples[i] for i in order[:batch_size]])
+        del order[:batch_size]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.token_mask.long()).logits[:, :-1]
+        targets = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask[:, 1:], -100)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.requires_grad_(False)
+    return model

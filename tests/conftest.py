@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny float64 models of the four architectures, and example builders."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ray_influence.passes import freeze
+from ray_influence.tokens import Example
+from ray_influence.toy import ARCHITECTURES, tiny_model
+
+ARCHS = tuple(ARCHITECTURES)
+VOCAB = 40
+
+
+def random_examples(n: int, vocab: int = VOCAB, min_len: int = 3, max_len: int = 9, seed: int = 0,
+                    prompt_len: int = 0) -> list[Example]:
+    """``n`` random token sequences of different lengths (so batches carry padding).
+
+    With ``prompt_len > 0`` the first ``prompt_len`` tokens are a prompt outside the loss.
+    """
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(min_len, max_len)
+        ids = tuple(rng.randrange(3, vocab) for _ in range(length))
+        mask = tuple(t > 0 and t >= prompt_len for t in range(length))
+        out.append(Example(f"doc{i}", ids, mask))
+    return out
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def model64(arch):
+    return freeze(tiny_model(arch, VOCAB, hidden=8, layers=2, heads=2, dtype=torch.float64))

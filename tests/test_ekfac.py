@@ -1,0 +1,180 @@
+"""EK-FAC math against dense matrices in float64 (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_examples
+from ray_influence import ekfac
+from ray_influence.attribution import covariance_pass, document_gradients, fit_factors, lambda_pass
+from ray_influence.ekfac import Fisher, ModuleFactors, dense_ekfac, ihvp
+from ray_influence.factors_io import load_factors, save_factors
+from ray_influence.modules import find_tracked_modules
+from ray_influence.scoring import multi_stage_vectors
+
+EXACT = 1e-10  # float64 agreement for exact identities
+MC_REDUCTION = 0.5  # 8 label samples must at least halve the variance of G (expected 1/8)
+
+
+def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q
+
+
+def random_factors(d_out: int, d_in: int, seed: int, damping: float = 0.1) -> ModuleFactors:
+    gen = torch.Generator().manual_seed(seed)
+    lam = torch.rand(d_out, d_in, generator=gen, dtype=torch.float64) ** 3 * 5  # spread spectrum
+    return ModuleFactors(random_orthogonal(d_in, gen), random_orthogonal(d_out, gen), lam, damping, 1, 1)
+
+
+def dense(f: ModuleFactors) -> torch.Tensor:
+    return dense_ekfac(f.q_a, f.q_g, f.lam)
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x - y).norm() / y.norm()).item()
+
+
+def test_ihvp_inverts_the_dense_damped_matrix():
+    f = random_factors(5, 7, seed=0, damping=0.03)
+    h = dense(f) + f.damping * torch.eye(35, dtype=torch.float64)
+    v = torch.randn(3, 5, 7, dtype=torch.float64)
+    hv = (h @ v.reshape(3, -1).T).T.reshape(3, 5, 7)
+    back = ihvp(hv, f)
+    assert (back - v).abs().max().item() < EXACT, f"max |ihvp(Hv) - v| = {(back - v).abs().max():.3e}"
+    assert torch.equal(f.lam, random_factors(5, 7, seed=0).lam), "ihvp must not mutate Λ"
+
+
+def test_ihvp_on_fitted_factors(model64):
+    specs = find_tracked_modules(model64)
+    factors = fit_factors(model64, random_examples(12), specs, Fisher.TRUE, samples=2, seed=3)
+    name = next(iter(specs))
+    f = factors[name]
+    n = f.lam.numel()
+    h = dense(f) + f.damping * torch.eye(n, dtype=torch.float64)
+    v = torch.randn(f.shape, dtype=torch.float64)
+    back = ihvp((h @ v.reshape(-1)).reshape(f.shape), f)
+    assert rel(back, v) < 1e-8
+    # auto damping is 0.1 * mean(Λ), per module
+    assert f.damping == pytest.approx(0.1 * f.lam.mean().item(), rel=1e-12)
+
+
+def test_ekfac_is_closer_to_the_exact_fisher_than_kfac(model64, arch):
+    """On every tracked module, ||F - EKFAC||_F <= ||F - KFAC||_F < ||F||_F (George et al.)."""
+    specs = find_tracked_modules(model64)
+    docs = random_examples(10, seed=1)
+    factors = fit_factors(model64, docs, specs, Fisher.EMPIRICAL)
+    cov = covariance_pass(model64, docs, specs, Fisher.EMPIRICAL)
+    dw = document_gradients(model64, docs, specs).grads
+    for name, f in factors.items():
+        flat = dw[name].reshape(len(docs), -1)
+        exact = flat.T @ flat / len(docs)  # per-document Fisher of the summed loss
+        c = cov[name]
+        tokens_per_doc = c.n_tokens / len(docs)
+        kfac = tokens_per_doc * torch.kron(c.g_sum / c.n_tokens, c.a_sum / c.n_tokens)
+        err_ek = (exact - dense(f)).norm().item()
+        err_k = (exact - kfac).norm().item()
+        assert err_ek <= err_k * (1 + 1e-12), f"{arch} {name}: EK-FAC error {err_ek:.4g} > K-FAC {err_k:.4g}"
+        assert err_ek < exact.norm().item(), f"{arch} {name}: EK-FAC is no approximation at all"
+        # Λ is exactly the diagonal of F in the Kronecker eigenbasis.
+        q = torch.kron(f.q_g, f.q_a)
+        assert rel(torch.diagonal(q.T @ exact @ q), f.lam.reshape(-1)) < 1e-9
+
+
+def test_multi_stage_order_matches_dense_product():
+    name = "m"
+    ft = {name: random_factors(4, 6, seed=1, damping=0.05)}
+    pt = {name: random_factors(4, 6, seed=2, damping=0.2)}
+    g = torch.randn(2, 4, 6, dtype=torch.float64)
+    eye = torch.eye(24, dtype=torch.float64)
+    h_ft = dense(ft[name]) + 0.05 * eye
+    h_pt = dense(pt[name]) + 0.2 * eye
+    assert (h_ft @ h_pt - h_pt @ h_ft).norm() > 1e-3, "the test needs non-commuting curvatures"
+    want = torch.linalg.solve(h_pt, torch.linalg.solve(h_ft, g.reshape(2, -1).T)).T.reshape(2, 4, 6)
+    reversed_ = torch.linalg.solve(h_ft, torch.linalg.solve(h_pt, g.reshape(2, -1).T)).T.reshape(2, 4, 6)
+    got = multi_stage_vectors({name: g}, ft, pt)[name]
+    assert rel(got, want) < EXACT
+    assert rel(got, reversed_) > 1e-2, "multi-stage must not equal the reversed order"
+
+
+def test_factors_do_not_depend_on_batch_size(model64):
+    specs = find_tracked_modules(model64)
+    docs = random_examples(9, seed=4)
+    small = fit_factors(model64, docs, specs, Fisher.TRUE, samples=2, seed=5, max_tokens=12)
+    big = fit_factors(model64, docs, specs, Fisher.TRUE, samples=2, seed=5, max_tokens=10_000)
+    cs = covariance_pass(model64, docs, specs, Fisher.TRUE, 2, 5, max_tokens=12)
+    cb = covariance_pass(model64, docs, specs, Fisher.TRUE, 2, 5, max_tokens=10_000)
+    for n in specs:
+        assert rel(cs[n].a_sum, cb[n].a_sum) < EXACT and rel(cs[n].g_sum, cb[n].g_sum) < EXACT, n
+        assert cs[n].n_tokens == cb[n].n_tokens == sum(len(d) for d in docs)
+        assert rel(small[n].lam, big[n].lam) < 1e-9, n
+        assert small[n].n_docs == big[n].n_docs == 9
+
+
+def test_label_samples_reduce_variance(model64):
+    specs = find_tracked_modules(model64)
+    name = list(specs)[-1]
+    docs = random_examples(4, seed=6)
+
+    def spread(samples: int) -> float:
+        gs = torch.stack([covariance_pass(model64, docs, specs, Fisher.TRUE, samples, seed)[name].g_sum
+                          for seed in range(8)])
+        return gs.var(dim=0).sum().item()
+
+    one, eight = spread(1), spread(8)
+    assert eight < MC_REDUCTION * one, f"var with 8 samples {eight:.3g} vs 1 sample {one:.3g}"
+
+
+def test_true_and_empirical_fisher_differ(model64):
+    specs = find_tracked_modules(model64)
+    docs = random_examples(4, seed=7)
+    name = list(specs)[0]
+    true = covariance_pass(model64, docs, specs, Fisher.TRUE)[name].g_sum
+    emp = covariance_pass(model64, docs, specs, Fisher.EMPIRICAL)[name].g_sum
+    assert rel(true, emp) > 1e-3
+
+
+def test_factors_round_trip(tmp_path, model64):
+    specs = find_tracked_modules(model64)
+    factors = fit_factors(model64, random_examples(5), specs)
+    url = str(tmp_path / "factors.safetensors")
+    save_factors(url, factors, {"fisher": "true", "stage": "pretrained"})
+    back, meta = load_factors(url)
+    assert meta["fisher"] == "true" and meta["dtype"] == "float64"
+    assert set(meta["modules"]) == set(specs)
+    for n, f in factors.items():
+        b = back[n]
+        assert torch.equal(b.q_a, f.q_a) and torch.equal(b.q_g, f.q_g) and torch.equal(b.lam, f.lam)
+        assert (b.damping, b.n_tokens, b.n_docs) == (f.damping, f.n_tokens, f.n_docs)
+        assert meta["modules"][n]["shape"] == list(f.shape)
+
+
+def test_bad_inputs_name_the_value(model64):
+    with pytest.raises(ValueError, match="'bogus'"):
+        Fisher.parse("bogus")
+    with pytest.raises(ValueError, match="nothing_matches"):
+        find_tracked_modules(model64, include=["nothing_matches*"])
+    f = random_factors(3, 4, seed=0)
+    with pytest.raises(ValueError, match=r"\(2, 5\)"):
+        ihvp(torch.zeros(2, 5), f)
+    with pytest.raises(ValueError, match="'big'"):
+        ekfac.resolve_damping(torch.ones(2, 2), "big")
+    a = ekfac.CovarianceStats(torch.zeros(2, 2), torch.zeros(3, 3), 1)
+    b = ekfac.CovarianceStats(torch.zeros(4, 4), torch.zeros(3, 3), 1)
+    with pytest.raises(ValueError, match=r"\(4, 4\)"):
+        a + b
+    with pytest.raises(ValueError, match="n_tokens=0"):
+        ekfac.eigenbasis(ekfac.CovarianceStats(torch.zeros(2, 2), torch.zeros(2, 2), 0))
+
+
+def test_lambda_pass_uses_the_given_basis(model64):
+    specs = find_tracked_modules(model64)
+    docs = random_examples(3)
+    name = list(specs)[0]
+    spec = specs[name]
+    eye = ekfac.Eigenbasis(torch.eye(spec.d_in_aug, dtype=torch.float64), torch.ones(spec.d_in_aug),
+                           torch.eye(spec.d_out, dtype=torch.float64), torch.ones(spec.d_out))
+    lam = lambda_pass(model64, docs, {name: spec}, {name: eye}, Fisher.EMPIRICAL)[name]
+    dw = document_gradients(model64, docs, {name: spec}).grads[name]
+    assert rel(lam.lam_sum, dw.square().sum(0)) < EXACT and lam.n_docs == 3
