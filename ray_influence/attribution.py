@@ -22,6 +22,12 @@ from .scoring import Method, flatten, query_vectors, scores
 from .tokens import Example, batches, collate
 
 DEFAULT_MAX_TOKENS = 4096
+FISHER_LABEL_STREAM = "fisher"
+"""The covariance and Λ passes draw the *same* labels per document. Λ is then the exact
+diagonal, in the eigenbasis, of the Fisher estimate that basis came from; in particular it
+vanishes on G's and A's null spaces, whose eigenvectors are arbitrary up to round-off, so
+the factors do not depend on how the sums were split across workers. (Fresh labels in the
+Λ pass would put mass on those arbitrary directions.)"""
 
 
 def _labels(fisher: Fisher) -> Labels:
@@ -42,7 +48,7 @@ def covariance_pass(
     col = CovarianceCollector(specs, samples if labels is Labels.SAMPLED else 1)
     for group in batches(examples, max_tokens):
         batch = collate(group)
-        run_pass(model, batch, specs, col, labels, seed, "covariance")
+        run_pass(model, batch, specs, col, labels, seed, FISHER_LABEL_STREAM)
         col.add_tokens(batch.n_tokens)
     return col.result()
 
@@ -61,7 +67,7 @@ def lambda_pass(
     labels = _labels(fisher)
     col = LambdaCollector(dict(bases), samples if labels is Labels.SAMPLED else 1)
     for group in batches(examples, max_tokens):
-        run_pass(model, collate(group), specs, col, labels, seed, "lambda")
+        run_pass(model, collate(group), specs, col, labels, seed, FISHER_LABEL_STREAM)
         col.add_docs(len(group))
     return col.result()
 

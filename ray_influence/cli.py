@@ -1,4 +1,4 @@
-"""``ray-influence`` command line: ``run``, ``demo``.
+"""``ray-influence`` command line: ``run``, ``demo``, ``config-help``.
 
 Exit codes: 0 success; 2 invalid config or input (one message on stderr, nothing
 written); 1 any other failure.
@@ -7,36 +7,105 @@ written); 1 any other failure.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
+import traceback
+
+from .config import ConfigError
+from .data import InputError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+USER_ERRORS = (ConfigError, InputError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ray-influence", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the attribution job (or one stage) described by a YAML config")
+    run.add_argument("config", help="path or fsspec URL of the YAML config")
+    run.add_argument("--stage", default="all", choices=["all", "fit", "index", "query", "score"],
+                     help="run one stage only (default: all, skipping what the run dir already holds)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars or stage logs on stderr")
+    run.add_argument("--summary-json", default=None, help="also write the final summary as JSON to this local file")
     demo = sub.add_parser("demo", help="a small end-to-end example on a toy world it builds itself")
     demo.add_argument("--workdir", default=None, help="where models and results go (default: a temp dir)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the toy world and the models")
+    sub.add_parser("config-help", help="every config key with its default and meaning")
     return parser.parse_args(argv)
+
+
+def init_ray() -> None:
+    """Connects to the cluster (RAY_ADDRESS or a local `ray start`), or starts a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # A local instance of our own binds its dashboard to loopback only.
+        ray.init(dashboard_host="127.0.0.1")
+
+
+def print_summary(summary: dict, run_dir: str) -> None:
+    """Stage timings and counts, and where the results are."""
+    print("\nsummary")
+    for stage, seconds in summary.get("timings", {}).items():
+        details = {k: v for k, v in summary.items() if k == stage or k.startswith(stage + "_")}
+        print(f"  {stage:<6} {seconds:8.1f}s  {json.dumps(details, default=str)}")
+    if "score" in summary:
+        print(f"\nresults: {run_dir}/results/  (hive-partitioned by method)")
+        print(f"  duckdb -c \"select * from read_parquet('{run_dir}/results/**/*.parquet', hive_partitioning=true) "
+              "order by query_id, rank limit 20\"")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .driver import run_job
+
+    cfg = load_config(args.config)
+    init_ray()
+    summary = run_job(cfg, args.stage, progress=not args.no_progress)
+    if not args.no_progress:
+        print_summary(summary, cfg.run_dir)
+    if args.summary_json:
+        with open(args.summary_json, "w") as fh:
+            json.dump(summary, fh, indent=1, default=str)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .example import run_example
+
+    if args.workdir:
+        run_example(args.workdir, args.seed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ray-influence-demo-") as d:
+            run_example(d, args.seed)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "run":
+            return cmd_run(args)
         if args.command == "demo":
-            from .example import run_example
+            return cmd_demo(args)
+        if args.command == "config-help":
+            from .config import describe
 
-            if args.workdir:
-                run_example(args.workdir, args.seed)
-            else:
-                with tempfile.TemporaryDirectory(prefix="ray-influence-demo-") as d:
-                    run_example(d, args.seed)
-        return EXIT_OK
-    except ValueError as e:  # user-caused errors are ValueErrors with the bad value named
+            print(describe())
+            return EXIT_OK
+    except USER_ERRORS as e:
         print(f"ray-influence: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception:  # noqa: BLE001 - the CLI's contract is exit code 1 for anything else
+        traceback.print_exc()
+        return EXIT_FAILURE
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -120,15 +120,31 @@ def scores(u: torch.Tensor, docs: torch.Tensor, cosine: bool = False, doc_sqnorm
     return out
 
 
-def top_k(score_matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top ``k`` per row, descending; ties broken by the lower column index.
+def top_k(values: torch.Tensor, k: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` per row of ``values: [Q, M]``, descending; ties go to the lower position.
+
+    Args:
+        k: how many to keep (positive).
+        positions: ``[Q, M]``, or ``[M]`` shared by every row: global corpus positions of
+            the columns; the column indices when None.
 
     Returns:
-        ``(values [Q, k'], indices [Q, k'])`` with ``k' = min(k, N)``.
+        ``(values [Q, k'], positions [Q, k'])`` with ``k' = min(k, M)``.
+
+    Raises:
+        ValueError: if ``k`` is not positive.
     """
     if k <= 0:
         raise ValueError(f"top_k must be positive, got {k!r}")
-    k = min(k, score_matrix.shape[1])
-    # A stable descending sort keeps equal scores in index order, whatever the partitioning.
-    order = torch.sort(score_matrix, dim=1, descending=True, stable=True)
-    return order.values[:, :k], order.indices[:, :k]
+    if positions is None:
+        positions = torch.arange(values.shape[1])
+    if positions.dim() == 1:
+        positions = positions.expand(values.shape[0], -1)
+    if values.shape[1] == 0:
+        return values, positions
+    # Sort by position, then stable-sort by score: equal scores stay in corpus order, so the
+    # result does not depend on partitioning or on the order partials arrive in.
+    by_pos = torch.argsort(positions, dim=1, stable=True)
+    values, positions = torch.gather(values, 1, by_pos), torch.gather(positions, 1, by_pos)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, : min(k, values.shape[1])]
+    return torch.gather(values, 1, order), torch.gather(positions, 1, order)

@@ -39,3 +39,17 @@ def arch(request) -> str:
 @pytest.fixture(scope="session")
 def model64(arch):
     return freeze(tiny_model(arch, VOCAB, hidden=8, layers=2, heads=2, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One in-process Ray per test module (2 CPUs, pinned object store)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False,
+             log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()

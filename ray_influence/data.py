@@ -1,0 +1,254 @@
+"""Inputs over fsspec: files, directories or globs of Parquet, JSONL or Arrow.
+
+The corpus is split into partitions per file: a file's rows ``[i * P, (i + 1) * P)`` form
+its partition ``i`` (``P = partition_docs``). A partition's key derives from the file's
+path relative to the corpus root and its number, so adding files leaves the keys of the
+old partitions, and their index pieces, untouched.
+
+Rows with a missing, non-string, empty or whitespace-only text are skipped with a reason;
+a JSONL line that is not valid UTF-8 or not valid JSON is skipped the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+           ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
+
+
+class InputError(ValueError):
+    """An input file or column the user named is missing or unreadable (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One data file: its URL, its path relative to the input root, and its format."""
+
+    url: str
+    rel: str
+    format: str
+
+
+def _format_of(path: str) -> str | None:
+    for ext, fmt in FORMATS.items():
+        if path.lower().endswith(ext):
+            return fmt
+    return None
+
+
+def list_files(url: str, storage_options: dict | None = None) -> list[InputFile]:
+    """Expands a file, a directory (recursively) or a glob into data files, sorted.
+
+    Raises:
+        InputError: if nothing matches, or a named file has an unknown format.
+    """
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+    def to_url(p: str) -> str:
+        return p if protocol in ("file", "local") else f"{protocol}://{p}"
+
+    if any(c in path for c in "*?["):
+        matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        root = posixpath.dirname(path.split("*")[0].split("?")[0].split("[")[0].rstrip("/")) or path
+    elif fs.isdir(path):
+        matches = sorted(p for p in fs.find(path) if _format_of(p))
+        root = path
+    elif fs.exists(path):
+        if _format_of(path) is None:
+            raise InputError(f"{url!r}: unknown format; expected one of {sorted(set(FORMATS))}")
+        matches, root = [path], posixpath.dirname(path)
+    else:
+        raise InputError(f"input {url!r} does not exist")
+    files = [InputFile(to_url(p), posixpath.relpath(p, root), _format_of(p)) for p in matches if _format_of(p)]
+    if not files:
+        raise InputError(f"input {url!r} holds no Parquet, JSONL or Arrow file")
+    return files
+
+
+def _read_jsonl(fh, columns: list[str]) -> tuple[list[dict], list[tuple[int, str]], set[str]]:
+    """Rows of a JSONL file; undecodable lines become ``(row number, reason)`` entries."""
+    rows, bad, seen = [], [], set()
+    for raw in fh:
+        if not raw.strip():
+            continue
+        number = len(rows) + len(bad)
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append((number, "invalid_utf8"))
+            continue
+        except json.JSONDecodeError:
+            bad.append((number, "invalid_json"))
+            continue
+        if not isinstance(obj, dict):
+            bad.append((number, "invalid_json"))
+            continue
+        seen.update(obj)
+        rows.append({c: obj.get(c) for c in columns})
+    return rows, bad, seen
+
+
+def read_rows(f: InputFile, columns: list[str], storage_options: dict | None = None) -> tuple[list[dict], list[tuple[int, str]]]:
+    """All rows of a file as dicts of ``columns`` (missing values as None).
+
+    Returns:
+        ``(rows, unreadable)`` where ``unreadable`` lists ``(row number, reason)`` of JSONL
+        lines that could not be decoded; row numbers count every non-blank line.
+
+    Raises:
+        InputError: if a column is absent from a Parquet/Arrow file's schema.
+    """
+    with fsspec.open(f.url, "rb", **(storage_options or {})) as fh:
+        if f.format == "jsonl":
+            rows, bad, seen = _read_jsonl(fh, columns)
+            missing = [c for c in columns if c not in seen]
+            if rows and missing:
+                raise InputError(f"{f.url}: column {missing[0]!r} not found; keys are {sorted(seen)}")
+            return _merge_bad(rows, bad), bad
+        if f.format == "parquet":
+            table = pq.read_table(fh)
+        else:
+            data = fh.read()
+            try:
+                table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(f"{f.url}: column {missing[0]!r} not found; columns are {table.column_names}")
+    return table.select(columns).to_pylist(), []
+
+
+def _merge_bad(rows: list[dict], bad: list[tuple[int, str]]) -> list[dict]:
+    """Puts placeholder rows (all None, with ``__unreadable__``) where JSONL lines failed."""
+    if not bad:
+        return rows
+    out, it = [], iter(rows)
+    bad_at = dict(bad)
+    for i in range(len(rows) + len(bad)):
+        out.append({"__unreadable__": bad_at[i]} if i in bad_at else next(it))
+    return out
+
+
+def count_rows(f: InputFile, storage_options: dict | None = None) -> int:
+    """Rows in a file (Parquet from its footer; others by reading it)."""
+    if f.format == "parquet":
+        with fsspec.open(f.url, "rb", **(storage_options or {})) as fh:
+            return pq.ParquetFile(fh).metadata.num_rows
+    with fsspec.open(f.url, "rb", **(storage_options or {})) as fh:
+        if f.format == "jsonl":
+            return sum(1 for line in fh if line.strip())
+        data = fh.read()
+    try:
+        return pa.ipc.open_file(pa.BufferReader(data)).read_all().num_rows
+    except pa.ArrowInvalid:
+        return pa.ipc.open_stream(pa.BufferReader(data)).read_all().num_rows
+
+
+# ------------------------------------------------------------------------- partitions
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Rows ``[start, stop)`` of one corpus file.
+
+    Attributes:
+        key: file-name-safe, stable id of the partition.
+        file: the data file.
+        start, stop: row range in the file.
+        offset: global position of the first row in the whole corpus (for tie-breaks).
+    """
+
+    key: str
+    file: InputFile
+    start: int
+    stop: int
+    offset: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _key(rel: str, number: int) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", posixpath.basename(rel).rsplit(".", 1)[0])[:40] or "file"
+    digest = hashlib.blake2b(rel.encode(), digest_size=4).hexdigest()
+    return f"{stem}-{digest}-{number:05d}"
+
+
+def plan_partitions(files: Iterable[InputFile], partition_docs: int, storage_options: dict | None = None) -> list[Partition]:
+    """Splits every file into partitions of ``partition_docs`` rows, in file order."""
+    parts, offset = [], 0
+    for f in files:
+        n = count_rows(f, storage_options)
+        for i, start in enumerate(range(0, n, partition_docs)):
+            stop = min(start + partition_docs, n)
+            parts.append(Partition(_key(f.rel, i), f, start, stop, offset + start))
+        offset += n
+    return parts
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: Any
+    text: str
+    position: int  # global corpus position
+
+
+def clean_rows(rows: list[dict], id_column: str, text_column: str, offset: int) -> tuple[list[Document], list[tuple[Any, str]]]:
+    """Splits rows into usable documents and ``(doc_id, reason)`` of skipped ones."""
+    docs, skipped = [], []
+    for i, row in enumerate(rows):
+        if "__unreadable__" in row:
+            skipped.append((f"<row {offset + i}>", row["__unreadable__"]))
+            continue
+        doc_id, text = row.get(id_column), row.get(text_column)
+        if doc_id is None:
+            skipped.append((f"<row {offset + i}>", "missing_id"))
+        elif text is None:
+            skipped.append((doc_id, "missing_text"))
+        elif not isinstance(text, str):
+            skipped.append((doc_id, "not_text"))
+        elif not text.strip():
+            skipped.append((doc_id, "empty_text"))
+        else:
+            docs.append(Document(doc_id, text, offset + i))
+    return docs, skipped
+
+
+def read_partition(part: Partition, id_column: str, text_column: str, storage_options: dict | None = None,
+                   cache: dict | None = None) -> tuple[list[Document], list[tuple[Any, str]]]:
+    """The documents of one partition and the rows it skips.
+
+    Args:
+        cache: optional ``{url: rows}`` so a worker reads each file once.
+    """
+    if cache is not None and part.file.url in cache:
+        rows = cache[part.file.url]
+    else:
+        rows, _ = read_rows(part.file, [id_column, text_column], storage_options)
+        if cache is not None:
+            cache.clear()  # keep one file at a time
+            cache[part.file.url] = rows
+    return clean_rows(rows[part.start : part.stop], id_column, text_column, part.offset)
+
+
+def read_records(url: str, columns: list[str], storage_options: dict | None = None) -> list[dict]:
+    """Every row of every file under ``url`` (fine-tuning data and queries)."""
+    out = []
+    for f in list_files(url, storage_options):
+        rows, bad = read_rows(f, columns, storage_options)
+        if bad:
+            raise InputError(f"{f.url}: row {bad[0][0]} is unreadable ({bad[0][1]})")
+        out.extend(rows)
+    return out

@@ -1,0 +1,335 @@
+"""The driver: orders the stages of the job on Ray (DESIGN.md §3).
+
+    fit    for θ_pt on a seeded corpus sample, and θ_ft on the fine-tuning data:
+           covariance pass (workers) -> merge -> eigh per module (tasks) -> Λ pass -> merge -> save
+    index  per corpus partition: projected document gradients, written by the workers
+    query  query gradients at θ_ft, preconditioned per method, projected
+    score  per partition: scores and top-k (workers) -> merge -> results Parquet
+
+A rerun skips what is complete: factors whose file is there, index partitions whose
+pieces are there (so a grown corpus indexes only its new partitions). The query and
+score stages are cheap and always recomputed, so a new queries file reuses everything else.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import random
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+import ray
+from tqdm import tqdm
+
+from . import __version__
+from .config import Config, ConfigError
+from .data import Partition, list_files, plan_partitions, read_records
+from .preflight import preflight
+from .reducer import eigendecompose, merge_per_module, merge_topk, save_stage_factors
+from .rundir import RunDir
+from .scoring import Method
+from .store import (
+    STAGES,
+    docs_rel,
+    factors_rel,
+    index_rel,
+    read_parquet_piece,
+    results_table,
+    write_results,
+    write_skipped_summary,
+)
+from .worker import remote_worker
+
+STAGE_ORDER = ("fit", "index", "query", "score")
+IN_FLIGHT_PER_WORKER = 2
+# Config keys a run directory is bound to; changing them needs a fresh run_dir.
+PINNED_KEYS = ("pretrained_model", "finetuned_model", "corpus.text_column", "corpus.id_column",
+               "corpus.max_length", "corpus.partition_docs", "finetune_data", "modules", "ekfac",
+               "projection", "model", "cluster.shards")
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def bind_run_dir(run: RunDir, cfg: Config) -> None:
+    """Records the config in ``run.json``, or checks that a rerun's config is compatible.
+
+    Raises:
+        ConfigError: if ``run_dir`` holds a run whose pinned keys differ.
+    """
+    new = cfg.to_dict()
+    if run.exists("run.json"):
+        old = run.read_json("run.json")["config"]
+        for key in PINNED_KEYS:
+            if _get(old, key) != _get(new, key):
+                raise ConfigError(
+                    f"run_dir {cfg.run_dir!r} holds a run with a different {key!r} "
+                    f"({_get(old, key)!r}, now {_get(new, key)!r}); use a new run_dir"
+                )
+    run.write_json("run.json", {"config": new, "version": __version__})
+
+
+def _progress(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def _drain(workers: Sequence, items: Sequence, submit, on_done, in_flight: int = IN_FLIGHT_PER_WORKER) -> None:
+    """Runs ``submit(worker, item)`` over ``items``, keeping each worker ``in_flight`` deep.
+
+    A task whose actor died for good is resubmitted to another worker (its item is
+    retried), so one lost worker does not lose a partition.
+    """
+    queue = list(items)[::-1]
+    running: dict = {}
+    alive = list(workers)
+
+    def feed(worker) -> None:
+        if queue:
+            item = queue.pop()
+            running[submit(worker, item)] = (worker, item)
+
+    for w in alive:
+        for _ in range(in_flight):
+            feed(w)
+    while running:
+        done, _ = ray.wait(list(running), num_returns=1)
+        worker, item = running.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayActorError:
+            if worker in alive:
+                alive.remove(worker)
+            if not alive:
+                raise
+            queue.append(item)
+            feed(alive[0])
+            continue
+        on_done(item, result)
+        feed(worker)
+
+
+class Job:
+    """One run of the attribution job over a config."""
+
+    def __init__(self, cfg: Config, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.run = RunDir(cfg.run_dir)
+        self.workers: list = []
+        self.timings: dict[str, float] = {}
+        self.summary: dict[str, Any] = {}
+
+    # --------------------------------------------------------------- plumbing
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    def start_workers(self) -> None:
+        if not self.workers:
+            self.workers = [remote_worker(self.cfg) for _ in range(self.cfg.cluster.replicas)]
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+    def partitions(self) -> list[Partition]:
+        c = self.cfg.corpus
+        return plan_partitions(list_files(c.path), c.partition_docs)
+
+    def stages_needed(self) -> list[str]:
+        return sorted({m.doc_model for m in self.cfg.methods}, key=STAGES.index)
+
+    # ------------------------------------------------------------------- fit
+
+    def fit(self, parts: Sequence[Partition]) -> None:
+        for stage in STAGES:
+            if stage == "finetuned" or any(m.needs_factors for m in self.cfg.methods):
+                self._fit_stage(stage, parts)
+
+    def _shares(self, stage: str, parts: Sequence[Partition]) -> list[list]:
+        """The seeded factor sample, split over the workers."""
+        e, n_workers = self.cfg.ekfac, len(self.workers)
+        rng = random.Random(f"{e.seed}:{stage}")
+        if stage == "finetuned":
+            f = self.cfg.finetune_data
+            n = len(read_records(f.path, [f.prompt_column, f.completion_column]))
+            rows = sorted(rng.sample(range(n), min(n, e.covariance_max_docs)))
+            return [rows[i::n_workers] for i in range(n_workers)]
+        total = parts[-1].offset + len(parts[-1]) if parts else 0
+        positions = sorted(rng.sample(range(total), min(total, e.covariance_max_docs)))
+        offsets = [p.offset for p in parts]
+        by_part: dict[int, list[int]] = defaultdict(list)
+        for pos in positions:
+            i = bisect.bisect_right(offsets, pos) - 1
+            by_part[i].append(pos - parts[i].offset)
+        shares: list[list] = [[] for _ in range(n_workers)]
+        for j, (i, rows) in enumerate(sorted(by_part.items())):
+            shares[j % n_workers].append((parts[i], rows))
+        return shares
+
+    def _fit_stage(self, stage: str, parts: Sequence[Partition]) -> None:
+        shard = 0
+        rel = factors_rel(stage, shard)
+        if self.run.piece_done(rel):
+            self.log(f"fit[{stage}]: factors already in {self.cfg.run_dir}/{rel}, skipped")
+            return
+        t0 = time.perf_counter()
+        shares = self._shares(stage, parts)
+        names = ray.get(self.workers[0].module_names.remote(stage))
+        n = len(names)
+        task = {"num_cpus": self.cfg.cluster.num_cpus_per_reducer}
+        merge = ray.remote(merge_per_module).options(num_returns=n, **task) if n > 1 else ray.remote(merge_per_module).options(**task)
+        cov_parts = [w.covariance.remote(stage, s) for w, s in zip(self.workers, shares)]
+        cov = merge.remote(names, *cov_parts)
+        cov = cov if n > 1 else [cov]
+        bases = [ray.remote(eigendecompose).options(**task).remote(c) for c in cov]
+        lam_parts = [w.lambdas.remote(stage, s, names, *bases) for w, s in zip(self.workers, shares)]
+        lam = merge.remote(names, *lam_parts)
+        lam = lam if n > 1 else [lam]
+        e = self.cfg.ekfac
+        meta = {"fisher": str(e.fisher), "fisher_samples": e.fisher_samples, "damping_spec": e.damping_for(stage),
+                "model": self.cfg.pretrained_model if stage == "pretrained" else self.cfg.finetuned_model}
+        result = ray.get(ray.remote(save_stage_factors).options(**task).remote(
+            self.cfg.run_dir, stage, shard, names, e.damping_for(stage), meta, *bases, *cov, *lam))
+        self.summary[f"fit_{stage}"] = {k: v for k, v in result.items() if k != "damping"}
+        self.log(f"fit[{stage}]: {result['modules']} modules, {result['docs']} docs, {result['tokens']} tokens, "
+                 f"{time.perf_counter() - t0:.1f}s")
+
+    # ----------------------------------------------------------------- index
+
+    def index(self, parts: Sequence[Partition]) -> None:
+        stages = self.stages_needed()
+        todo = [p for p in parts if not all(self.run.piece_done(index_rel(s, 0, p.key)) for s in stages)]
+        self.log(f"index: {len(parts) - len(todo)} of {len(parts)} partitions already done, {len(todo)} to go")
+        totals = {"docs": 0, "tokens": 0, "skipped": 0, "truncated": 0, "partitions": 0}
+        bar = _progress(sum(len(p) for p in todo), "index", "doc", self.progress)
+        t0 = time.perf_counter()
+
+        def on_done(part: Partition, result: dict) -> None:
+            for k in ("docs", "tokens", "skipped", "truncated"):
+                totals[k] += result[k]
+            totals["partitions"] += 1
+            bar.update(len(part))
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(docs_s=f"{totals['docs'] / dt:.1f}", tok_s=f"{totals['tokens'] / dt:.0f}")
+
+        _drain(self.workers, todo, lambda w, p: w.index.remote(p, stages), on_done)
+        bar.close()
+        totals["skipped_total"] = write_skipped_summary(self.run, parts)
+        totals["partitions_total"] = len(parts)
+        self.summary["index"] = totals
+
+    # ----------------------------------------------------------------- query
+
+    def query(self) -> None:
+        result = ray.get(self.workers[0].queries.remote([m.value for m in self.cfg.methods]))
+        self.summary["query"] = result
+        self.log(f"query: {result['queries']} queries x {len(result['methods'])} methods")
+
+    # ----------------------------------------------------------------- score
+
+    def score(self, parts: Sequence[Partition]) -> None:
+        methods = [m.value for m in self.cfg.methods]
+        k = self.cfg.scoring.top_k
+        bar = _progress(len(parts), "score", "partition", self.progress)
+        merged: dict = {}
+
+        def on_done(part: Partition, partial: dict) -> None:
+            # Streaming merge: the driver holds one [Q, k] top-k per method, whatever the corpus size.
+            merged.update(merge_topk(k, *([merged, partial] if merged else [partial])))
+            bar.update(1)
+
+        _drain(self.workers, parts, lambda w, p: w.score.remote(p, methods, k), on_done)
+        bar.close()
+        self._write_results(parts, merged)
+
+    def _write_results(self, parts: Sequence[Partition], merged: dict) -> None:
+        from .store import read_query_vectors
+
+        query_ids = read_query_vectors(self.run, 0)["ids"]
+        offsets = [p.offset for p in parts]
+        wanted: dict[int, set[int]] = defaultdict(set)
+        for values, positions in merged.values():
+            for pos in positions.reshape(-1).tolist():
+                wanted[bisect.bisect_right(offsets, pos) - 1].add(pos)
+        docs_by_position: dict[int, tuple[Any, str]] = {}
+        for i, positions in wanted.items():
+            table = read_parquet_piece(self.run, docs_rel(parts[i].key)).to_pydict()
+            for d_id, text, pos in zip(table["doc_id"], table["doc_text"], table["position"]):
+                if pos in positions:
+                    docs_by_position[pos] = (d_id, text)
+        meta = run_metadata(self.cfg)
+        for method, (values, positions) in merged.items():
+            write_results(self.run, method, results_table(query_ids, values, positions, docs_by_position), meta)
+        self.summary["score"] = {"methods": list(merged), "queries": len(query_ids), "top_k": self.cfg.scoring.top_k,
+                                 "results": f"{self.cfg.run_dir}/results"}
+
+    # -------------------------------------------------------------------- all
+
+    def execute(self, stage: str = "all") -> dict:
+        stages = STAGE_ORDER if stage == "all" else (stage,)
+        preflight(self.cfg, stages)
+        bind_run_dir(self.run, self.cfg)
+        parts = self.partitions()
+        self.start_workers()
+        try:
+            for name in stages:
+                t0 = time.perf_counter()
+                if name == "fit":
+                    self.fit(parts)
+                elif name == "index":
+                    self.index(parts)
+                elif name == "query":
+                    self.query()
+                elif name == "score":
+                    self.score(parts)
+                self.timings[name] = time.perf_counter() - t0
+        finally:
+            self.stop_workers()
+        self._write_manifest(parts)
+        return {"timings": self.timings, **self.summary}
+
+    def _write_manifest(self, parts: Sequence[Partition]) -> None:
+        old = self.run.read_json("manifest.json") if self.run.exists("manifest.json") else {"stages": {}}
+        for name, seconds in self.timings.items():
+            old["stages"][name] = {"done": True, "seconds": seconds, "finished": time.time(),
+                                   **({"summary": self.summary[name]} if name in self.summary else {})}
+        old["partitions"] = {p.key: {"file": p.file.url, "rows": [p.start, p.stop], "offset": p.offset}
+                             for p in parts}
+        old["index"] = {s: sorted(p.key for p in parts if self.run.piece_done(index_rel(s, 0, p.key)))
+                        for s in STAGES}
+        self.run.write_json("manifest.json", old)
+
+
+def run_metadata(cfg: Config) -> dict:
+    """What a result file records about its run: models, config, versions, time."""
+    import platform
+
+    import pyarrow
+    import torch
+    import transformers
+
+    return {
+        "pretrained_model": cfg.pretrained_model,
+        "finetuned_model": cfg.finetuned_model,
+        "config": cfg.to_dict(),
+        "versions": {"ray_influence": __version__, "ray": ray.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "pyarrow": pyarrow.__version__,
+                     "python": platform.python_version()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run_job(cfg: Config, stage: str = "all", progress: bool = True) -> dict:
+    """Runs ``stage`` (or all) on the Ray cluster this process is connected to."""
+    if stage != "all" and stage not in STAGE_ORDER:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {('all',) + STAGE_ORDER}")
+    return Job(cfg, progress).execute(stage)

@@ -1,0 +1,95 @@
+"""Checks that run before any heavy compute, and before anything is written.
+
+Everything here reads only configs, tokenizers, file listings and the small query and
+fine-tuning tables; a failure raises a ``ValueError`` subclass with one clear message
+(exit code 2).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import fsspec
+
+from .config import Config, ConfigError
+from .data import InputError, list_files, read_records
+
+# Config fields that must agree between the pre-trained and the fine-tuned model.
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+              "intermediate_size", "n_inner", "num_attention_heads", "n_head", "num_key_value_heads")
+
+
+def _model_config(path: str, what: str, cfg: Config) -> dict:
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(f"{root}/config.json"):
+        raise InputError(f"{what} {path!r} is not a model directory (no config.json)")
+    import json
+
+    with fs.open(f"{root}/config.json", "r") as fh:
+        model_cfg = json.load(fh)
+    if model_cfg.get("auto_map") and not cfg.model.trust_remote_code:
+        raise InputError(f"{what} {path!r} needs custom code (auto_map in config.json); "
+                         "set model.trust_remote_code: true to allow it")
+    names = [f.rsplit("/", 1)[-1] for f in fs.ls(root, detail=False)]
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names)
+    if not has_safetensors and has_pickle and not cfg.model.allow_pickle:
+        raise InputError(f"{what} {path!r} has only pickle weights; convert them to safetensors "
+                         "or set model.allow_pickle: true")
+    if not has_safetensors and not has_pickle:
+        raise InputError(f"{what} {path!r} holds no weights")
+    return model_cfg
+
+
+def check_models(cfg: Config) -> None:
+    """Same architecture and module shapes, and the same tokenizer, in both models."""
+    pt = _model_config(cfg.pretrained_model, "pretrained_model", cfg)
+    ft = _model_config(cfg.finetuned_model, "finetuned_model", cfg)
+    for key in SHAPE_KEYS:
+        if pt.get(key) != ft.get(key):
+            raise InputError(f"pretrained and finetuned models differ in {key!r}: "
+                             f"{pt.get(key)!r} vs {ft.get(key)!r}; they must share an architecture")
+    from .models import load_tokenizer
+
+    tok_pt = load_tokenizer(cfg.pretrained_model, cfg.model.trust_remote_code)
+    tok_ft = load_tokenizer(cfg.finetuned_model, cfg.model.trust_remote_code)
+    if tok_pt.get_vocab() != tok_ft.get_vocab() or tok_pt.eos_token_id != tok_ft.eos_token_id:
+        raise InputError("the pretrained and finetuned tokenizers differ (vocabulary or EOS); "
+                         "attribution across stages needs one tokenizer")
+    n_blocks = pt.get("num_hidden_layers", pt.get("n_layer"))
+    if n_blocks is not None and cfg.cluster.shards > n_blocks:
+        raise ConfigError(f"'cluster.shards' is {cfg.cluster.shards} but the model has {n_blocks} blocks")
+
+
+def check_queries(cfg: Config) -> None:
+    q = cfg.queries
+    rows = read_records(q.path, [q.id_column, q.prompt_column, q.completion_column])
+    if not rows:
+        raise InputError(f"queries {q.path!r} hold no rows")
+    seen = set()
+    for r in rows:
+        qid, completion = r[q.id_column], r[q.completion_column]
+        if qid is None:
+            raise InputError(f"queries {q.path!r}: a row has no {q.id_column!r}")
+        if str(qid) in seen:
+            raise InputError(f"queries {q.path!r}: duplicate query id {qid!r}")
+        seen.add(str(qid))
+        if not isinstance(completion, str) or not completion.strip():
+            raise InputError(f"query {qid!r} has an empty completion {completion!r}; there is nothing to attribute")
+
+
+def check_finetune_data(cfg: Config) -> None:
+    f = cfg.finetune_data
+    rows = read_records(f.path, [f.prompt_column, f.completion_column])
+    if not rows:
+        raise InputError(f"finetune_data {f.path!r} holds no rows")
+
+
+def preflight(cfg: Config, stages: Sequence[str]) -> None:
+    """All the cheap checks the given stages need."""
+    list_files(cfg.corpus.path)
+    check_models(cfg)
+    if "fit" in stages:
+        check_finetune_data(cfg)
+    if "query" in stages:
+        check_queries(cfg)

@@ -1,0 +1,80 @@
+"""The cluster path: a real `ray start --head`, then `ray job submit` of jobs/attribute.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from world import build_world, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def head_node():
+    """`ray start --head --block` on loopback; stopped by signalling the PID we started."""
+    gcs, dash = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="ri", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"ray head did not come up (rc {proc.poll()})")
+            time.sleep(0.5)
+    try:
+        yield url, env
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block stops every process it started on exit
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_ray_job_submit_writes_results(head_node, tmp_path):
+    url, env = head_node
+    cfg = build_world(tmp_path)
+    cfg["projection"] = {"dim": 4, "seed": 0, "dtype": "float32"}
+    cfg["scoring"]["methods"] = ["multi_stage", "grad_cos"]
+    config = write_config(tmp_path / "job.yaml", cfg)
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+         "python", "jobs/attribute.py", "--config", str(config), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout.lower(), proc.stdout[-3000:]
+    rows = duckdb.sql(f"select method, count(*) from read_parquet('{cfg['run_dir']}/results/**/*.parquet', "
+                      "hive_partitioning=true) group by method order by method").fetchall()
+    assert rows == [("grad_cos", 15), ("multi_stage", 15)], rows  # 3 queries x top 5
