@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import traceback
 
 from .config import ConfigError
@@ -30,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--no-progress", action="store_true", help="no progress bars or stage logs on stderr")
     run.add_argument("--summary-json", default=None, help="also write the final summary as JSON to this local file")
     demo = sub.add_parser("demo", help="a small end-to-end example on a toy world it builds itself")
-    demo.add_argument("--workdir", default=None, help="where models and results go (default: a temp dir)")
+    demo.add_argument("--workdir", default="runs/demo", help="where the world, models and results go (models are reused)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the toy world and the models")
     sub.add_parser("config-help", help="every config key with its default and meaning")
     return parser.parse_args(argv)
@@ -79,11 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .example import run_example
 
-    if args.workdir:
-        run_example(args.workdir, args.seed)
-    else:
-        with tempfile.TemporaryDirectory(prefix="ray-influence-demo-") as d:
-            run_example(d, args.seed)
+    run_example(args.workdir, args.seed)
     return EXIT_OK
 
 

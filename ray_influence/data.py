@@ -60,7 +60,8 @@ def list_files(url: str, storage_options: dict | None = None) -> list[InputFile]
 
     if any(c in path for c in "*?["):
         matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
-        root = posixpath.dirname(path.split("*")[0].split("?")[0].split("[")[0].rstrip("/")) or path
+        first_wildcard = min(path.index(c) for c in "*?[" if c in path)
+        root = path[:first_wildcard].rsplit("/", 1)[0] or "/"
     elif fs.isdir(path):
         matches = sorted(p for p in fs.find(path) if _format_of(p))
         root = path
