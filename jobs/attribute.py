@@ -29,12 +29,14 @@ def main(args: argparse.Namespace) -> int:
 
     from ray_influence.cli import EXIT_BAD_INPUT, USER_ERRORS, print_summary
     from ray_influence.config import load_config
-    from ray_influence.driver import run_job
+    from ray_influence.driver import run_job, stages_of
+    from ray_influence.preflight import preflight
 
     try:
         cfg = load_config(args.config)
+        preflight(cfg, stages_of(args.stage))
         ray.init()
-        summary = run_job(cfg, args.stage, progress=not args.no_progress)
+        summary = run_job(cfg, args.stage, progress=not args.no_progress, checked=True)
     except USER_ERRORS as e:
         print(f"attribute.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

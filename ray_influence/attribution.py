@@ -30,6 +30,50 @@ the factors do not depend on how the sums were split across workers. (Fresh labe
 Λ pass would put mass on those arbitrary directions.)"""
 
 
+def run_batches(
+    model: nn.Module,
+    examples: Sequence[Example],
+    specs: dict[str, ModuleSpec],
+    collector,
+    labels: Labels,
+    seed: int,
+    max_tokens: int,
+    on_batch=None,
+) -> tuple[list[str], torch.Tensor, list[str]]:
+    """Feeds ``examples`` batch by batch through :func:`run_pass` into ``collector``.
+
+    A batch holding a row whose forward is not finite gets no backward; it is rerun
+    without those rows, which are returned as skipped.
+
+    Args:
+        on_batch: called with each batch that reached the collector (for token counts).
+
+    Returns:
+        ``(kept keys in order, their data losses [N], skipped keys)``.
+    """
+    kept: list[str] = []
+    losses: list[torch.Tensor] = []
+    skipped: list[str] = []
+    for group in batches(examples, max_tokens):
+        batch = collate(group)
+        loss = run_pass(model, batch, specs, collector, labels, seed, FISHER_LABEL_STREAM)
+        bad = ~torch.isfinite(loss)
+        if bool(bad.any()):
+            skipped += [e.key for e, b in zip(group, bad.tolist()) if b]
+            group = [e for e, b in zip(group, bad.tolist()) if not b]
+            if not group:
+                continue
+            batch = collate(group)
+            loss = run_pass(model, batch, specs, collector, labels, seed, FISHER_LABEL_STREAM)
+            # Rows that were finite in a batch stay finite alone (rows do not interact).
+            assert bool(torch.isfinite(loss).all()), "a row became non-finite once its batch shrank"
+        kept += [e.key for e in group]
+        losses.append(loss)
+        if on_batch is not None:
+            on_batch(batch)
+    return kept, (torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)), skipped
+
+
 def _labels(fisher: Fisher) -> Labels:
     return Labels.SAMPLED if Fisher.parse(fisher) is Fisher.TRUE else Labels.DATA
 
@@ -46,10 +90,7 @@ def covariance_pass(
     """Partial sums of A and G over ``examples`` (one worker's share)."""
     labels = _labels(fisher)
     col = CovarianceCollector(specs, samples if labels is Labels.SAMPLED else 1)
-    for group in batches(examples, max_tokens):
-        batch = collate(group)
-        run_pass(model, batch, specs, col, labels, seed, FISHER_LABEL_STREAM)
-        col.add_tokens(batch.n_tokens)
+    run_batches(model, examples, specs, col, labels, seed, max_tokens, lambda b: col.add_tokens(b.n_tokens))
     return col.result()
 
 
@@ -66,9 +107,7 @@ def lambda_pass(
     """Partial sums of Λ over ``examples`` in the given eigenbases."""
     labels = _labels(fisher)
     col = LambdaCollector(dict(bases), samples if labels is Labels.SAMPLED else 1)
-    for group in batches(examples, max_tokens):
-        run_pass(model, collate(group), specs, col, labels, seed, FISHER_LABEL_STREAM)
-        col.add_docs(len(group))
+    run_batches(model, examples, specs, col, labels, seed, max_tokens, lambda b: col.add_docs(len(b.keys)))
     return col.result()
 
 
@@ -96,14 +135,16 @@ class DocGradients:
     """Per-document gradients of a list of examples.
 
     Attributes:
-        keys: the examples' keys, in order.
-        grads: ``{name: [N, d_out, d_in']}`` exact, or ``[N, k, k]`` projected.
-        losses: ``[N]`` data losses (non-finite ones mark rows to skip).
+        keys: the keys of the examples with a finite forward, in order.
+        grads: ``{name: [N, d_out, d_in']}`` exact, or ``[N, k, k]`` projected, for ``keys``.
+        losses: ``[N]`` data losses of ``keys``.
+        skipped: keys of examples whose forward was not finite (no gradient taken).
     """
 
     keys: tuple[str, ...]
     grads: dict[str, torch.Tensor]
     losses: torch.Tensor
+    skipped: tuple[str, ...] = ()
 
 
 def document_gradients(
@@ -117,10 +158,8 @@ def document_gradients(
     if not examples:
         raise ValueError("no examples to take gradients of")
     col = GradientCollector(specs) if projections is None else ProjectedCollector(dict(projections))
-    losses = []
-    for group in batches(examples, max_tokens):
-        losses.append(run_pass(model, collate(group), specs, col, Labels.DATA))
-    return DocGradients(tuple(e.key for e in examples), col.result(), torch.cat(losses))
+    kept, losses, skipped = run_batches(model, examples, specs, col, Labels.DATA, 0, max_tokens)
+    return DocGradients(tuple(kept), col.result(), losses, tuple(skipped))
 
 
 def influence_scores(

@@ -62,11 +62,13 @@ def print_summary(summary: dict, run_dir: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .driver import run_job
+    from .driver import run_job, stages_of
+    from .preflight import preflight
 
     cfg = load_config(args.config)
+    preflight(cfg, stages_of(args.stage))  # bad input fails here, before Ray starts or anything is written
     init_ray()
-    summary = run_job(cfg, args.stage, progress=not args.no_progress)
+    summary = run_job(cfg, args.stage, progress=not args.no_progress, checked=True)
     if not args.no_progress:
         print_summary(summary, cfg.run_dir)
     if args.summary_json:

@@ -32,10 +32,15 @@ class CovarianceCollector:
     def add_tokens(self, n_tokens: int) -> None:
         self._tokens += n_tokens
 
-    def keep_input(self, name: str, a: torch.Tensor) -> None:
-        self._a[name] += ekfac.outer_sum(a).cpu()
+    def keep_input(self, name: str, a: torch.Tensor) -> list:
+        # A is added on the first backward, not in the forward, so a batch whose forward
+        # turns out non-finite (and gets no backward) leaves no trace.
+        return [a]
 
-    def on_grad(self, name: str, kept: None, g: torch.Tensor) -> None:
+    def on_grad(self, name: str, kept: list, g: torch.Tensor) -> None:
+        if kept[0] is not None:
+            self._a[name] += ekfac.outer_sum(kept[0]).cpu()
+            kept[0] = None
         self._g[name] += ekfac.outer_sum(g).cpu() / self.samples
 
     def result(self) -> dict[str, ekfac.CovarianceStats]:
@@ -72,23 +77,24 @@ class _PerDocCollector:
 
     samples = 1
 
-    def __init__(self, names: list[str]):
+    def __init__(self, shapes: dict[str, tuple[int, int]]):
         self._parts: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self._names = names
+        self._shapes = shapes
 
     def _store(self, name: str, per_doc: torch.Tensor) -> None:
         self._parts[name].append(per_doc.detach().cpu())
 
     def result(self) -> dict[str, torch.Tensor]:
-        """``{name: [N, rows, cols]}`` over every batch seen, in order."""
-        return {n: torch.cat(self._parts[n]) for n in self._names}
+        """``{name: [N, rows, cols]}`` over every batch seen, in order (N may be 0)."""
+        return {n: torch.cat(self._parts[n]) if self._parts[n] else torch.zeros(0, *shape)
+                for n, shape in self._shapes.items()}
 
 
 class GradientCollector(_PerDocCollector):
     """Exact per-document gradients ``DW: [N, d_out, d_in']`` per module."""
 
     def __init__(self, specs: dict[str, ModuleSpec]):
-        super().__init__(list(specs))
+        super().__init__({n: s.shape for n, s in specs.items()})
 
     def keep_input(self, name: str, a: torch.Tensor) -> torch.Tensor:
         return a
@@ -101,7 +107,7 @@ class ProjectedCollector(_PerDocCollector):
     """Projected per-document gradients ``Ĝ: [N, k, k]`` per module, from ``P a`` and ``P g``."""
 
     def __init__(self, projections: dict[str, Projection]):
-        super().__init__(list(projections))
+        super().__init__({n: (p.dim, p.dim) for n, p in projections.items()})
         self._proj = projections
 
     def keep_input(self, name: str, a: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,14 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class InputFile:
-    """One data file: its URL, its path relative to the input root, and its format."""
+    """One data file: its URL, its path relative to the input root, its format, and a
+    fingerprint of its properties (fsspec ``ukey``: size/mtime or ETag) that changes when
+    the file is rewritten."""
 
     url: str
     rel: str
     format: str
+    fingerprint: str = ""
 
 
 def _format_of(path: str) -> str | None:
@@ -71,7 +74,8 @@ def list_files(url: str, storage_options: dict | None = None) -> list[InputFile]
         matches, root = [path], posixpath.dirname(path)
     else:
         raise InputError(f"input {url!r} does not exist")
-    files = [InputFile(to_url(p), posixpath.relpath(p, root), _format_of(p)) for p in matches if _format_of(p)]
+    files = [InputFile(to_url(p), posixpath.relpath(p, root), _format_of(p), str(fs.ukey(p)))
+             for p in matches if _format_of(p)]
     if not files:
         raise InputError(f"input {url!r} holds no Parquet, JSONL or Arrow file")
     return files
@@ -168,7 +172,10 @@ class Partition:
         key: file-name-safe, stable id of the partition.
         file: the data file.
         start, stop: row range in the file.
-        offset: global position of the first row in the whole corpus (for tie-breaks).
+        offset: global position of the first row in the whole corpus, in this run's file
+            order (ties in the top-k go to the lower position). Positions shift when a file
+            that sorts earlier is added, so stored pieces keep rows within their file
+            (:meth:`position` maps them back).
     """
 
     key: str
@@ -179,6 +186,10 @@ class Partition:
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    def position(self, row: int) -> int:
+        """Global position, in this run's file order, of row ``row`` of the file."""
+        return self.offset - self.start + row
 
 
 def _key(rel: str, number: int) -> str:
@@ -201,21 +212,36 @@ def plan_partitions(files: Iterable[InputFile], partition_docs: int, storage_opt
 
 @dataclass(frozen=True)
 class Document:
+    """A usable corpus row: its id, text, row within its file and global position."""
+
     doc_id: Any
     text: str
-    position: int  # global corpus position
+    row: int
+    position: int
 
 
-def clean_rows(rows: list[dict], id_column: str, text_column: str, offset: int) -> tuple[list[Document], list[tuple[Any, str]]]:
-    """Splits rows into usable documents and ``(doc_id, reason)`` of skipped ones."""
+def clean_rows(rows: list[dict], id_column: str, text_column: str, part: Partition,
+               drop: dict[int, str] | None = None) -> tuple[list[Document], list[tuple[Any, str]]]:
+    """Splits a partition's rows into usable documents and ``(doc_id, reason)`` of skipped ones.
+
+    Args:
+        rows: the partition's rows, in file order.
+        part: the partition they are.
+        drop: rows (within the file) to skip with the given reason (e.g. duplicate ids).
+    """
     docs, skipped = [], []
+    drop = drop or {}
     for i, row in enumerate(rows):
+        file_row = part.start + i
+        where = f"<{part.file.rel} row {file_row}>"
         if "__unreadable__" in row:
-            skipped.append((f"<row {offset + i}>", row["__unreadable__"]))
+            skipped.append((where, row["__unreadable__"]))
             continue
         doc_id, text = row.get(id_column), row.get(text_column)
         if doc_id is None:
-            skipped.append((f"<row {offset + i}>", "missing_id"))
+            skipped.append((where, "missing_id"))
+        elif file_row in drop:
+            skipped.append((doc_id, drop[file_row]))
         elif text is None:
             skipped.append((doc_id, "missing_text"))
         elif not isinstance(text, str):
@@ -223,26 +249,55 @@ def clean_rows(rows: list[dict], id_column: str, text_column: str, offset: int) 
         elif not text.strip():
             skipped.append((doc_id, "empty_text"))
         else:
-            docs.append(Document(doc_id, text, offset + i))
+            docs.append(Document(doc_id, text, file_row, part.position(file_row)))
     return docs, skipped
 
 
+def _file_rows(f: InputFile, columns: list[str], storage_options: dict | None, cache: dict | None) -> list[dict]:
+    key = (f.url, f.fingerprint, tuple(columns))
+    if cache is not None and cache.get("key") == key:
+        return cache["rows"]
+    rows, _ = read_rows(f, columns, storage_options)
+    if cache is not None:  # one file at a time
+        cache.update(key=key, rows=rows)
+    return rows
+
+
 def read_partition(part: Partition, id_column: str, text_column: str, storage_options: dict | None = None,
-                   cache: dict | None = None) -> tuple[list[Document], list[tuple[Any, str]]]:
+                   cache: dict | None = None, drop: dict[int, str] | None = None
+                   ) -> tuple[list[Document], list[tuple[Any, str]]]:
     """The documents of one partition and the rows it skips.
 
     Args:
-        cache: optional ``{url: rows}`` so a worker reads each file once.
+        cache: optional dict a worker keeps so that it reads each file once.
+        drop: rows (within the file) to skip, with their reason.
     """
-    if cache is not None and part.file.url in cache:
-        rows = cache[part.file.url]
-    else:
-        rows, _ = read_rows(part.file, [id_column, text_column], storage_options)
-        if cache is not None:
-            cache.clear()  # keep one file at a time
-            cache[part.file.url] = rows
-    return clean_rows(rows[part.start : part.stop], id_column, text_column, part.offset)
+    rows = _file_rows(part.file, [id_column, text_column], storage_options, cache)
+    return clean_rows(rows[part.start : part.stop], id_column, text_column, part, drop)
 
+
+def duplicate_rows(parts: Iterable[Partition], id_column: str, storage_options: dict | None = None
+                   ) -> dict[str, dict[int, str]]:
+    """The duplicate-id policy: the first occurrence in corpus order is kept, later ones skipped.
+
+    Returns:
+        ``{partition key: {row within file: "duplicate_id"}}`` for the partitions that have any.
+    """
+    seen: set = set()
+    out: dict[str, dict[int, str]] = {}
+    cache: dict = {}
+    for part in parts:
+        rows = _file_rows(part.file, [id_column], storage_options, cache)
+        for i, row in enumerate(rows[part.start : part.stop]):
+            doc_id = None if "__unreadable__" in row else row.get(id_column)
+            if doc_id is None:
+                continue
+            key = (type(doc_id).__name__, repr(doc_id))
+            if key in seen:
+                out.setdefault(part.key, {})[part.start + i] = "duplicate_id"
+            else:
+                seen.add(key)
+    return out
 
 def read_records(url: str, columns: list[str], storage_options: dict | None = None) -> list[dict]:
     """Every row of every file under ``url`` (fine-tuning data and queries)."""

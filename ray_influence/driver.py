@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import Config, ConfigError
-from .data import Partition, list_files, plan_partitions, read_records
+from .data import Partition, duplicate_rows, list_files, plan_partitions, read_records
 from .preflight import preflight
 from .reducer import eigendecompose, merge_per_module, merge_topk, save_stage_factors
-from .rundir import RunDir
+from .rundir import DamagedArtifact, RunDir
 from .scoring import Method
 from .store import (
     STAGES,
@@ -37,11 +37,12 @@ from .store import (
     factors_rel,
     index_rel,
     read_parquet_piece,
+    skipped_rel,
     results_table,
     write_results,
     write_skipped_summary,
 )
-from .worker import remote_worker
+from .worker import partition_provenance, remote_worker
 
 STAGE_ORDER = ("fit", "index", "query", "score")
 IN_FLIGHT_PER_WORKER = 2
@@ -124,6 +125,8 @@ class Job:
         self.workers: list = []
         self.timings: dict[str, float] = {}
         self.summary: dict[str, Any] = {}
+        self.damaged: list[str] = []
+        self.duplicates: dict[str, dict[int, str]] = {}
 
     # --------------------------------------------------------------- plumbing
 
@@ -169,6 +172,8 @@ class Job:
         by_part: dict[int, list[int]] = defaultdict(list)
         for pos in positions:
             i = bisect.bisect_right(offsets, pos) - 1
+            if pos - parts[i].offset + parts[i].start in self.duplicates.get(parts[i].key, {}):
+                continue  # a duplicate id: only its first occurrence counts
             by_part[i].append(pos - parts[i].offset)
         shares: list[list] = [[] for _ in range(n_workers)]
         for j, (i, rows) in enumerate(sorted(by_part.items())):
@@ -178,7 +183,7 @@ class Job:
     def _fit_stage(self, stage: str, parts: Sequence[Partition]) -> None:
         shard = 0
         rel = factors_rel(stage, shard)
-        if self.run.piece_done(rel):
+        if self._piece_ok(rel):
             self.log(f"fit[{stage}]: factors already in {self.cfg.run_dir}/{rel}, skipped")
             return
         t0 = time.perf_counter()
@@ -205,9 +210,34 @@ class Job:
 
     # ----------------------------------------------------------------- index
 
+    def _piece_ok(self, rel: str, provenance: dict | None = None) -> bool:
+        """Whether a piece is complete, intact and (for index pieces) still matches the corpus.
+
+        A damaged piece (checksum mismatch) is dropped, so it is recomputed, and counted.
+        """
+        marker = self.run.piece_done(rel)
+        if marker is None:
+            return False
+        if provenance is not None and any(marker.get(k) != v for k, v in provenance.items()):
+            return False  # the file changed, or the duplicate rows did
+        try:
+            self.run.read_piece(rel)
+        except DamagedArtifact as e:
+            self.log(f"damaged, recomputing: {e}")
+            self.damaged.append(rel)
+            self.run.invalidate(rel)
+            return False
+        return True
+
+    def _partition_done(self, part: Partition, stages: Sequence[str]) -> bool:
+        prov = partition_provenance(part, self.duplicates.get(part.key))
+        ok = [self._piece_ok(index_rel(s, 0, part.key), prov) for s in stages]
+        ok += [self._piece_ok(docs_rel(part.key)), self._piece_ok(skipped_rel(part.key))]
+        return all(ok)
+
     def index(self, parts: Sequence[Partition]) -> None:
         stages = self.stages_needed()
-        todo = [p for p in parts if not all(self.run.piece_done(index_rel(s, 0, p.key)) for s in stages)]
+        todo = [p for p in parts if not self._partition_done(p, stages)]
         self.log(f"index: {len(parts) - len(todo)} of {len(parts)} partitions already done, {len(todo)} to go")
         totals = {"docs": 0, "tokens": 0, "skipped": 0, "truncated": 0, "partitions": 0}
         bar = _progress(sum(len(p) for p in todo), "index", "doc", self.progress)
@@ -221,10 +251,12 @@ class Job:
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(docs_s=f"{totals['docs'] / dt:.1f}", tok_s=f"{totals['tokens'] / dt:.0f}")
 
-        _drain(self.workers, todo, lambda w, p: w.index.remote(p, stages), on_done)
+        _drain(self.workers, todo, lambda w, p: w.index.remote(p, stages, self.duplicates.get(p.key)), on_done)
         bar.close()
         totals["skipped_total"] = write_skipped_summary(self.run, parts)
         totals["partitions_total"] = len(parts)
+        totals["damaged_recomputed"] = list(self.damaged)
+        totals["duplicate_ids"] = sum(len(v) for v in self.duplicates.values())
         self.summary["index"] = totals
 
     # ----------------------------------------------------------------- query
@@ -262,10 +294,11 @@ class Job:
                 wanted[bisect.bisect_right(offsets, pos) - 1].add(pos)
         docs_by_position: dict[int, tuple[Any, str]] = {}
         for i, positions in wanted.items():
-            table = read_parquet_piece(self.run, docs_rel(parts[i].key)).to_pydict()
-            for d_id, text, pos in zip(table["doc_id"], table["doc_text"], table["position"]):
-                if pos in positions:
-                    docs_by_position[pos] = (d_id, text)
+            part = parts[i]
+            table = read_parquet_piece(self.run, docs_rel(part.key)).to_pydict()
+            for d_id, text, row in zip(table["doc_id"], table["doc_text"], table["row"]):
+                if part.position(row) in positions:
+                    docs_by_position[part.position(row)] = (d_id, text)
         meta = run_metadata(self.cfg)
         for method, (values, positions) in merged.items():
             write_results(self.run, method, results_table(query_ids, values, positions, docs_by_position), meta)
@@ -274,11 +307,14 @@ class Job:
 
     # -------------------------------------------------------------------- all
 
-    def execute(self, stage: str = "all") -> dict:
-        stages = STAGE_ORDER if stage == "all" else (stage,)
-        preflight(self.cfg, stages)
+    def execute(self, stage: str = "all", checked: bool = False) -> dict:
+        """Runs the stages; ``checked`` says :func:`preflight` already passed for them."""
+        stages = stages_of(stage)
+        if not checked:
+            preflight(self.cfg, stages)
         bind_run_dir(self.run, self.cfg)
         parts = self.partitions()
+        self.duplicates = duplicate_rows(parts, self.cfg.corpus.id_column)
         self.start_workers()
         try:
             for name in stages:
@@ -328,8 +364,17 @@ def run_metadata(cfg: Config) -> dict:
     }
 
 
-def run_job(cfg: Config, stage: str = "all", progress: bool = True) -> dict:
-    """Runs ``stage`` (or all) on the Ray cluster this process is connected to."""
+def stages_of(stage: str) -> tuple[str, ...]:
+    """The stages ``--stage`` names (``all``: every one, in order)."""
     if stage != "all" and stage not in STAGE_ORDER:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {('all',) + STAGE_ORDER}")
-    return Job(cfg, progress).execute(stage)
+    return STAGE_ORDER if stage == "all" else (stage,)
+
+
+def run_job(cfg: Config, stage: str = "all", progress: bool = True, checked: bool = False) -> dict:
+    """Runs ``stage`` (or all) on the Ray cluster this process is connected to.
+
+    Args:
+        checked: :func:`ray_influence.preflight.preflight` already passed (skip it).
+    """
+    return Job(cfg, progress).execute(stage, checked)

@@ -85,7 +85,10 @@ def run_pass(
         pass_name: separates the label streams of different passes.
 
     Returns:
-        ``[B]`` float64 per-row losses with the data's labels (to detect non-finite rows).
+        ``[B]`` float64 per-row losses with the data's labels. When any row's logits or
+        loss are not finite, no backward runs at all (so nothing reaches the collector)
+        and those rows' losses are NaN: the caller reruns the batch without them
+        (:func:`ray_influence.attribution.run_batches`).
 
     Raises:
         ValueError: if a parameter requires grad (weight gradients would be computed).
@@ -110,6 +113,9 @@ def run_pass(
             logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]
             weights = batch.loss_mask[:, 1:].to(logp.dtype)  # [B, T-1]
             data_loss = -(logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) * weights).sum(-1)
+            finite = torch.isfinite(data_loss) & (torch.isfinite(logits).all(-1) | ~batch.token_mask).all(-1)
+            if not bool(finite.all()):
+                return torch.where(finite, data_loss, torch.nan).detach().to(torch.float64).cpu()
             if labels is Labels.DATA:
                 targets = [batch.input_ids[:, 1:]]
             else:

@@ -70,26 +70,29 @@ def read_parquet_piece(run: RunDir, rel: str) -> pa.Table:
 
 
 def write_index_piece(run: RunDir, stage: str, shard: int, part: Partition, docs: Sequence[Document],
-                      flat: torch.Tensor, dtype: torch.dtype) -> dict:
+                      flat: torch.Tensor, dtype: torch.dtype, provenance: dict) -> dict:
     """One partition's flat document gradients ``[N, D]`` at ``stage``'s model, for one shard.
 
-    ``sqnorm`` (``[N]``, float64) is this shard's part of each document's squared norm.
+    ``sqnorm`` (``[N]``, float64) is this shard's part of each document's squared norm;
+    ``rows`` are the documents' rows within their file. ``provenance`` (the file's
+    fingerprint, the rows dropped as duplicates) goes into the marker, so a rerun can tell
+    whether the piece still describes the corpus.
     """
     tensors = {
         "grads": flat.to(dtype),
         "sqnorm": flat.to(torch.float64).square().sum(1),
-        "positions": torch.tensor([d.position for d in docs], dtype=torch.int64),
+        "rows": torch.tensor([d.row for d in docs], dtype=torch.int64),
     }
     meta = {"partition": part.key, "doc_ids": [d.doc_id for d in docs]}
     return run.write_piece(index_rel(stage, shard, part.key), _tensor_bytes(tensors, meta),
                            {"partition": part.key, "docs": len(docs), "file": part.file.url,
-                            "rows": [part.start, part.stop]})
+                            "rows": [part.start, part.stop], **provenance})
 
 
 def read_index_piece(run: RunDir, stage: str, shard: int, part: Partition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grads [N, D], sqnorm [N], positions [N])`` of a verified piece."""
+    """``(grads [N, D], sqnorm [N], rows within the file [N])`` of a verified piece."""
     t = st_load(run.read_piece(index_rel(stage, shard, part.key)))
-    return t["grads"], t["sqnorm"], t["positions"]
+    return t["grads"], t["sqnorm"], t["rows"]
 
 
 def write_docs_piece(run: RunDir, part: Partition, docs: Sequence[Document], examples: Sequence[Example],
@@ -97,7 +100,7 @@ def write_docs_piece(run: RunDir, part: Partition, docs: Sequence[Document], exa
     table = pa.table({
         "doc_id": [d.doc_id for d in docs],
         "doc_text": [d.text[:chars] for d in docs],
-        "position": pa.array([d.position for d in docs], pa.int64()),
+        "row": pa.array([d.row for d in docs], pa.int64()),
         "n_tokens": pa.array([len(e) for e in examples], pa.int32()),
         "truncated": pa.array([e.truncated for e in examples], pa.bool_()),
     })

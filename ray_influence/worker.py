@@ -41,6 +41,15 @@ from .tokens import Example, tokenize_document, tokenize_prompt_completion
 
 TEST_DELAY_ENV = "RAY_INFLUENCE_TEST_INDEX_DELAY_S"
 """Test-only: seconds each index task sleeps first, so a test can kill a run mid-index."""
+CRASH_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_ONCE"
+"""Test-only: a flag-file path; the first index task to find it missing creates it and
+kills its worker process, so a test sees an actor die mid-index exactly once."""
+TEST_ENVS = (TEST_DELAY_ENV, CRASH_ONCE_ENV)
+
+
+def partition_provenance(part: Partition, drop: dict[int, str] | None) -> dict:
+    """What an index piece of ``part`` was computed from: the file's fingerprint, dropped rows."""
+    return {"fingerprint": part.file.fingerprint, "dropped": sorted(int(r) for r in (drop or {}))}
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -109,9 +118,9 @@ class Worker:
 
     # -------------------------------------------------------------------- data
 
-    def corpus_documents(self, part: Partition) -> tuple[list[Document], list]:
+    def corpus_documents(self, part: Partition, drop: dict[int, str] | None = None) -> tuple[list[Document], list]:
         c = self.cfg.corpus
-        return read_partition(part, c.id_column, c.text_column, cache=self._file_cache)
+        return read_partition(part, c.id_column, c.text_column, cache=self._file_cache, drop=drop)
 
     def corpus_examples(self, docs: Sequence[Document]) -> list[Example]:
         tok = self.tokenizer("pretrained")
@@ -175,31 +184,44 @@ class Worker:
 
     # ---------------------------------------------------------------- index
 
-    def index(self, part: Partition, stages: Sequence[str]) -> dict:
-        """Projected gradients of one partition at each of ``stages``' models, written to the run dir."""
+    def index(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None = None) -> dict:
+        """Projected gradients of one partition at each of ``stages``' models, written to the run dir.
+
+        Args:
+            drop: rows within the file to skip (duplicate ids), with their reason.
+        """
         t0 = time.perf_counter()
         if TEST_DELAY_ENV in os.environ:  # test-only: widens the window for fault-injection tests
             time.sleep(float(os.environ[TEST_DELAY_ENV]))
-        docs, skipped = self.corpus_documents(part)
+        if CRASH_ONCE_ENV in os.environ and not os.path.exists(os.environ[CRASH_ONCE_ENV]):
+            open(os.environ[CRASH_ONCE_ENV], "w").close()  # test-only: die once, mid-index
+            os._exit(1)
+        docs, skipped = self.corpus_documents(part, drop)
         examples = self.corpus_examples(docs)
         keep = torch.ones(len(docs), dtype=torch.bool)
         flats = {}
         for stage in stages:
             specs = self.specs(stage)
-            if not examples:
-                flats[stage] = torch.zeros(0, index_width(specs, self.cfg.projection.dim))
-                continue
-            grads = attribution.document_gradients(
-                self.model(stage), examples, specs, self.projections(stage), self.cfg.cluster.max_tokens_per_batch
-            )
-            flats[stage] = flatten(grads.grads, list(specs))
-            keep &= torch.isfinite(grads.losses) & torch.isfinite(flats[stage]).all(dim=1)
+            flat = torch.zeros(len(docs), index_width(specs, self.cfg.projection.dim))
+            if examples:
+                grads = attribution.document_gradients(
+                    self.model(stage), examples, specs, self.projections(stage), self.cfg.cluster.max_tokens_per_batch
+                )
+                got = set(grads.keys)  # rows with a non-finite forward are missing
+                rows = [i for i, e in enumerate(examples) if e.key in got]
+                computed = flatten(grads.grads, list(specs))
+                flat = flat.to(computed.dtype)
+                flat[rows] = computed
+                finite = torch.zeros(len(docs), dtype=torch.bool)
+                finite[rows] = torch.isfinite(flat[rows]).all(dim=1)
+                keep &= finite
+            flats[stage] = flat
         skipped += [(docs[j].doc_id, "non_finite_gradient") for j in (~keep).nonzero(as_tuple=True)[0].tolist()]
         kept = keep.nonzero(as_tuple=True)[0].tolist()
         kept_docs = [docs[i] for i in kept]
         for stage in stages:
             write_index_piece(self.run, stage, self.shard, part, kept_docs, flats[stage][keep],
-                              parse_dtype(self.cfg.projection.dtype))
+                              parse_dtype(self.cfg.projection.dtype), partition_provenance(part, drop))
         write_docs_piece(self.run, part, kept_docs, [examples[i] for i in kept], self.cfg.scoring.doc_text_chars)
         write_skipped_piece(self.run, part, skipped)
         return {
@@ -282,7 +304,8 @@ class Worker:
         """
         partial = self.partial_scores(part, methods)
         qv = self._query_vectors()
-        _, _, positions = read_index_piece(self.run, Method.parse(methods[0]).doc_model, self.shard, part)
+        _, _, rows = read_index_piece(self.run, Method.parse(methods[0]).doc_model, self.shard, part)
+        positions = rows + (part.offset - part.start)  # this run's global positions
         out = {}
         for m, (s, sqnorm) in partial.items():
             if Method.parse(m).cosine:
@@ -302,7 +325,7 @@ def remote_worker(cfg: Config, shard: int = 0, blocks: range | None = None):
     import ray
 
     c = cfg.cluster
-    env = {TEST_DELAY_ENV: os.environ[TEST_DELAY_ENV]} if TEST_DELAY_ENV in os.environ else {}
+    env = {k: os.environ[k] for k in TEST_ENVS if k in os.environ}
     actor_cls = ray.remote(Worker).options(
         num_cpus=c.num_cpus_per_worker, num_gpus=c.num_gpus_per_worker,
         max_restarts=c.max_restarts, max_task_retries=c.max_restarts,

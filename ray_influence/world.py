@@ -1,0 +1,433 @@
+"""A synthetic two-stage world with known ground truth, for the demo and the end-to-end test.
+
+Fictional entities (names made of syllables) have facts ``(entity, relation, value)``,
+e.g. ``(Brenak, born_in, Talmer)``. The world has
+
+- a **pre-training corpus** (``[{doc_id, text}]``): every fact is stated in 1-3 documents
+  with varied templates ("Brenak was born in Talmer .", "the birthplace of Brenak is
+  Talmer ."), shuffled among **distractors** that mention the same entities without
+  stating any of their facts' values ("Brenak met Zolim at the market .", "Brenak once
+  visited Quoria ." where Quoria is not where Brenak was born);
+- a **fine-tuning set** (``[{prompt, completion}]``) in a question/answer format
+  (``"Q: Where was Brenak born? A:"``, ``" Talmer"``) for part of the facts;
+- **queries** (``[{query_id, prompt, completion}]``) in the same format for the other,
+  held-out facts: the fine-tuned model can only answer them from what it memorised in
+  pre-training, so the documents that taught the answer are exactly the fact's documents;
+- the **ground truth**: for each fact and each query, the ``doc_id`` s that state it.
+
+:func:`generate` is pure and deterministic in the :class:`WorldSpec` (no torch). On top of
+it, :func:`build_world` pre-trains a tiny GPT-NeoX from scratch on the corpus, fully
+fine-tunes a copy on the QA set, measures memorisation and held-out QA accuracy, and caches
+everything under ``{cache_dir}/world-{spec.key}/``:
+
+    models/pt, models/ft     save_pretrained + the word tokenizer
+    corpus.parquet           doc_id, text
+    finetune.jsonl           prompt, completion
+    queries.jsonl            query_id, prompt, completion
+    truth.json               facts (entity, relation, value, split, doc_ids), queries -> doc_ids
+    stats.json               sizes, accuracies, training losses and times (written last)
+    spec.json                the spec the world was built from
+
+A second call with the same spec loads the cached world. :func:`job_config` returns the
+attribution job's config for a world and :func:`attribution_metrics` scores a results
+table (``query_id, rank, doc_id`` rows) against the ground truth (MRR, recall@k), next to
+:func:`random_baseline`, their expectation under a random ranking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+GENERATOR_VERSION = 1
+"""Bumped whenever generation or training changes, so cached worlds are rebuilt."""
+
+
+def _f(default: Any, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A kind of fact.
+
+    Attributes:
+        name: e.g. ``born_in``.
+        values: the words a value can be (one word, one token each).
+        statements: templates stating the fact, with ``{e}`` before ``{v}`` (so a
+            statement's prefix up to the value is a memorisation probe).
+        question: the fine-tuning / query prompt, with ``{e}``.
+        mentions: distractor templates with ``{e}`` and ``{w}``, a value word of this
+            relation that is *not* the entity's value.
+    """
+
+    name: str
+    values: tuple[str, ...]
+    statements: tuple[str, ...]
+    question: str
+    mentions: tuple[str, ...]
+
+
+RELATIONS: dict[str, Relation] = {r.name: r for r in (
+    Relation(
+        "born_in",
+        ("Talmer", "Quoria", "Vessin", "Durnholt", "Pellary", "Ashgrove", "Brenmoor", "Kiltane", "Orvale", "Fenrick"),
+        ("{e} was born in {v} .", "the birthplace of {e} is {v} .", "{e} came into the world in the town of {v} ."),
+        "Q: Where was {e} born? A:",
+        ("{e} once visited {w} .", "{e} read a book about {w} ."),
+    ),
+    Relation(
+        "works_as",
+        ("baker", "pilot", "farmer", "doctor", "painter", "sailor", "teacher", "miner", "tailor", "singer"),
+        ("{e} works as a {v} .", "by trade , {e} is a {v} .", "{e} earns a living as a {v} ."),
+        "Q: What does {e} work as? A:",
+        ("{e} met a {w} on the road .", "{e} asked a {w} for help ."),
+    ),
+    Relation(
+        "favourite_colour",
+        ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "grey", "pink"),
+        ("{e} 's favourite colour is {v} .", "the colour {e} likes best is {v} .", "of all colours , {e} loves {v} ."),
+        "Q: What is {e}'s favourite colour? A:",
+        ("{e} painted the fence {w} .", "{e} bought a {w} hat ."),
+    ),
+    Relation(
+        "pet",
+        ("cat", "dog", "parrot", "rabbit", "horse", "goat", "turtle", "hamster", "owl", "lizard"),
+        ("{e} has a pet {v} .", "at home , {e} keeps a {v} .", "{e} takes care of a pet {v} ."),
+        "Q: What pet does {e} have? A:",
+        ("{e} saw a {w} in the park .", "{e} drew a picture of a {w} ."),
+    ),
+    Relation(
+        "instrument",
+        ("flute", "drum", "harp", "violin", "piano", "guitar", "trumpet", "cello", "banjo", "oboe"),
+        ("{e} plays the {v} .", "the instrument of {e} is the {v} .", "every evening {e} practises the {v} ."),
+        "Q: Which instrument does {e} play? A:",
+        ("{e} heard a {w} on the radio .", "{e} once tried to tune a {w} ."),
+    ),
+)}
+
+NEUTRAL = (
+    "{e} met {z} at the market .", "{e} and {z} went for a long walk .", "{e} wrote a letter to {z} .",
+    "everyone in the village knows {e} .", "{e} told {z} a funny story .", "{e} is older than {z} .",
+    "{e} had dinner with {z} last week .", "nobody has seen {e} since monday .",
+)
+"""Distractor templates that mention entities and no value word at all."""
+
+ONSETS = ("b", "br", "d", "dr", "f", "g", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "v", "z", "th", "sh")
+VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+CODAS = ("", "n", "r", "l", "s", "m", "k", "th")
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Everything a world depends on: sizes, seed and training. Its :attr:`key` names the cache."""
+
+    n_entities: int = _f(40, "fictional entities; each has one fact per relation")
+    relations: tuple = _f(tuple(RELATIONS), f"relation names, any of {tuple(RELATIONS)}")
+    docs_per_fact: tuple = _f((1, 3), "(min, max) documents stating each fact, drawn uniformly")
+    n_distractors: int = _f(200, "documents that mention entities without stating their facts")
+    hard_distractor_fraction: float = _f(0.5, "distractors naming a relation's value word that is not the entity's")
+    heldout_fraction: float = _f(0.3, "facts held out of fine-tuning; their QA pairs are the queries")
+    seed: int = _f(0, "seed of the names, facts, documents and training")
+    hidden: int = _f(64, "model width (GPT-NeoX, 4x MLP)")
+    layers: int = _f(2, "decoder blocks")
+    heads: int = _f(4, "attention heads")
+    pretrain_steps: int = _f(1500, "AdamW steps of pre-training (batches cycle through the corpus)")
+    pretrain_lr: float = _f(3e-3, "peak learning rate of pre-training (warmup, then cosine decay)")
+    finetune_steps: int = _f(300, "AdamW steps of full fine-tuning on the QA set")
+    finetune_lr: float = _f(1e-3, "peak learning rate of fine-tuning")
+    batch_size: int = _f(32, "sequences per step")
+    max_length: int = _f(32, "tokens per document / QA pair (the world's texts are shorter)")
+
+    def __post_init__(self):
+        unknown = [r for r in self.relations if r not in RELATIONS]
+        if unknown:
+            raise ValueError(f"unknown relations {unknown}; expected some of {tuple(RELATIONS)}")
+        lo, hi = self.docs_per_fact
+        if not 1 <= lo <= hi:
+            raise ValueError(f"docs_per_fact must be (min, max) with 1 <= min <= max, got {self.docs_per_fact!r}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
+        if self.n_entities < 2:
+            raise ValueError(f"n_entities must be at least 2, got {self.n_entities!r}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "WorldSpec":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    @property
+    def key(self) -> str:
+        """A short hash of the spec and :data:`GENERATOR_VERSION`."""
+        blob = json.dumps({"v": GENERATOR_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Fact:
+    fact_id: str
+    entity: str
+    relation: str
+    value: str
+    split: str  # "finetune" or "heldout"
+    doc_ids: tuple[str, ...]
+
+    @property
+    def question(self) -> str:
+        return RELATIONS[self.relation].question.format(e=self.entity)
+
+    @property
+    def query_id(self) -> str:
+        return f"q-{self.fact_id}"
+
+
+@dataclass(frozen=True)
+class WorldData:
+    """What :func:`generate` makes (plain Python; see the module docstring)."""
+
+    corpus: list[dict]
+    finetune: list[dict]
+    queries: list[dict]
+    facts: list[Fact]
+
+    @property
+    def truth(self) -> dict:
+        """``{"facts": {fact_id: {...}}, "queries": {query_id: {"fact_id", "doc_ids"}}}``."""
+        return {
+            "facts": {f.fact_id: {"entity": f.entity, "relation": f.relation, "value": f.value,
+                                  "split": f.split, "doc_ids": list(f.doc_ids)} for f in self.facts},
+            "queries": {f.query_id: {"fact_id": f.fact_id, "doc_ids": list(f.doc_ids)}
+                        for f in self.facts if f.split == "heldout"},
+        }
+
+    @property
+    def texts(self) -> list[str]:
+        """Every text the tokenizer will see."""
+        return ([d["text"] for d in self.corpus] + [r["prompt"] + r["completion"] for r in self.finetune]
+                + [q["prompt"] + q["completion"] for q in self.queries])
+
+
+# ------------------------------------------------------------------------- generation
+
+
+def words(text: str) -> set[str]:
+    """The word-level tokens of ``text`` (the tokenizer's whitespace/punctuation split)."""
+    from tokenizers.pre_tokenizers import Whitespace
+
+    return {w for w, _ in Whitespace().pre_tokenize_str(text)}
+
+
+def entity_names(n: int, rng: random.Random, reserved: set[str]) -> list[str]:
+    """``n`` distinct made-up names of two syllables and a coda, none in ``reserved``."""
+    names: list[str] = []
+    seen = {w.lower() for w in reserved}
+    while len(names) < n:
+        name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(2)) + rng.choice(CODAS)
+        if name not in seen and len(name) >= 4:
+            seen.add(name)
+            names.append(name.capitalize())
+    return names
+
+
+def _template_words() -> set[str]:
+    out: set[str] = set()
+    for r in RELATIONS.values():
+        out |= set(r.values)
+        for t in r.statements + r.mentions + (r.question,):
+            out |= words(t.format(e="", v="", w=""))
+    for t in NEUTRAL:
+        out |= words(t.format(e="", z=""))
+    return out
+
+
+def generate(spec: WorldSpec) -> WorldData:
+    """The world's texts and ground truth; deterministic in ``spec`` (its training fields aside)."""
+    rng = random.Random(f"world:{spec.seed}")
+    entities = entity_names(spec.n_entities, rng, _template_words())
+    relations = [RELATIONS[r] for r in spec.relations]
+
+    # Facts: every entity has one value per relation. Held-out facts are drawn per relation
+    # (stratified), so every relation is both fine-tuned on and queried.
+    values = {(e, r.name): rng.choice(r.values) for e in entities for r in relations}
+    heldout: set[tuple[str, str]] = set()
+    for r in relations:
+        n_held = min(len(entities) - 1, max(1, round(spec.heldout_fraction * len(entities))))
+        heldout |= {(e, r.name) for e in rng.sample(entities, n_held)}
+
+    # Documents stating each fact: distinct templates per fact, in a random order.
+    statements: list[tuple[tuple[str, str], str]] = []
+    for e in entities:
+        for r in relations:
+            n_docs = rng.randint(*spec.docs_per_fact)
+            templates = rng.sample(r.statements, min(n_docs, len(r.statements)))
+            templates += [rng.choice(r.statements) for _ in range(n_docs - len(templates))]
+            statements += [((e, r.name), t.format(e=e, v=values[e, r.name])) for t in templates]
+
+    # Distractors: mention entities, never with one of their facts' values (checked, resampled).
+    def states_a_value(text: str) -> bool:
+        ws = words(text)
+        return any(values[e, r.name] in ws for e in entities if e in ws for r in relations)
+
+    distractors: list[str] = []
+    while len(distractors) < spec.n_distractors:
+        e, z = rng.sample(entities, 2)
+        if rng.random() < spec.hard_distractor_fraction:
+            r = rng.choice(relations)
+            w = rng.choice([v for v in r.values if v != values[e, r.name]])
+            text = rng.choice(r.mentions).format(e=e, w=w)
+        else:
+            text = rng.choice(NEUTRAL).format(e=e, z=z)
+        if not states_a_value(text):
+            distractors.append(text)
+
+    # Shuffle, then number: doc ids carry no information about what a document is.
+    docs = [(fact, text) for fact, text in statements] + [(None, text) for text in distractors]
+    rng.shuffle(docs)
+    width = len(str(len(docs) - 1))
+    corpus = [{"doc_id": f"d{i:0{width}d}", "text": text} for i, (_, text) in enumerate(docs)]
+    doc_ids: dict[tuple[str, str], list[str]] = {}
+    for row, (fact, _) in zip(corpus, docs):
+        if fact is not None:
+            doc_ids.setdefault(fact, []).append(row["doc_id"])
+
+    facts = [Fact(f"{e}.{r.name}", e, r.name, values[e, r.name],
+                  "heldout" if (e, r.name) in heldout else "finetune", tuple(doc_ids[e, r.name]))
+             for e in entities for r in relations]
+    finetune = [{"prompt": f.question, "completion": f" {f.value}"} for f in facts if f.split == "finetune"]
+    rng.shuffle(finetune)
+    queries = [{"query_id": f.query_id, "prompt": f.question, "completion": f" {f.value}"}
+               for f in facts if f.split == "heldout"]
+    return WorldData(corpus, finetune, queries, facts)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _num_threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def train_lm(model, examples, steps: int, lr: float, batch_size: int, seed: int) -> list[float]:
+    """Trains ``model`` in place with AdamW on the examples' loss targets (mean per token).
+
+    Linear warmup over the first 5% of the steps, then cosine decay to 10% of ``lr``;
+    batches cycle through a seeded shuffle of the examples. The parameters are frozen
+    again afterwards (the attribution passes refuse trainable ones).
+
+    Returns:
+        The mean loss of each tenth of the steps (a coarse learning curve).
+    """
+    import torch
+
+    from .tokens import collate
+
+    model.train()
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        batch = collate([examples[i] for i in order[:batch_size]])
+        del order[:batch_size]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.token_mask.long()).logits[:, :-1]
+        targets = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask[:, 1:], -100)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    model.requires_grad_(False)
+    tenth = max(1, steps // 10)
+    return [round(sum(losses[i:i + tenth]) / len(losses[i:i + tenth]), 4) for i in range(0, steps, tenth)]
+
+
+def greedy_next(model, tokenizer, prompts: Sequence[str], batch_size: int = 256) -> list[int]:
+    """The greedy next token after each prompt (right-padded batches, last real position)."""
+    import torch
+
+    out: list[int] = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, :len(x)] = torch.tensor(x)
+            mask[row, :len(x)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        last = torch.tensor([len(x) - 1 for x in ids])
+        out += logits[torch.arange(len(ids)), last].argmax(-1).tolist()
+    return out
+
+
+def _value_id(tokenizer, value: str) -> int:
+    ids = tokenizer(f" {value}", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, (value, ids)
+    return ids[0]
+
+
+def memorisation_probes(data: WorldData) -> list[tuple[Fact, str]]:
+    """``(fact, prefix)`` for every document stating a fact: its text up to the value."""
+    text = {d["doc_id"]: d["text"] for d in data.corpus}
+    out = []
+    for f in data.facts:
+        for d in f.doc_ids:
+            t = text[d]
+            cut = t.index(f" {f.value} ")
+            out.append((f, t[:cut]))
+    return out
+
+
+def accuracies(data: WorldData, pt, ft, tokenizer) -> dict:
+    """Greedy next-token accuracies of the world's two models.
+
+    - ``memorisation``: the pre-trained model completes a fact's statements with its value
+      (over every statement; ``memorisation_heldout``: statements of held-out facts only);
+    - ``qa_heldout``: the fine-tuned model answers a query with its completion;
+    - ``qa_finetune``: the same on the fine-tuning set (fit);
+    - ``qa_heldout_pretrained``: the pre-trained model on the queries (before fine-tuning).
+    """
+    probes = memorisation_probes(data)
+    got = greedy_next(pt, tokenizer, [p for _, p in probes])
+    hits = [g == _value_id(tokenizer, f.value) for (f, _), g in zip(probes, got)]
+    held = [h for (f, _), h in zip(probes, hits) if f.split == "heldout"]
+
+    def qa(model, rows) -> list[bool]:
+        answers = greedy_next(model, tokenizer, [r["prompt"] for r in rows])
+        return [a == _value_id(tokenizer, r["completion"].strip()) for r, a in zip(rows, answers)]
+
+    q_ft = qa(ft, data.queries)
+    return {
+        "memorisation": sum(hits) / len(hits),
+        "memorisation_heldout": sum(held) / len(held),
+        "qa_heldout": sum(q_ft) / len(q_ft),
+        "qa_finetune": sum(qa(ft, data.finetune)) / len(data.finetune),
+        "qa_heldout_pretrained": sum(qa(pt, data.queries)) / len(data.queries),
+        "answered": [q["query_id"] for q, ok in zip(data.queries, q_ft) if ok],
+    }
