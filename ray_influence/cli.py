@@ -35,17 +35,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def init_ray() -> None:
-    """Connects to the cluster (RAY_ADDRESS or a local `ray start`), or starts a local one."""
+def init_ray():
+    """Connects to the cluster (RAY_ADDRESS or a local `ray start`), or starts a local one.
+
+    Returns:
+        Ray's context (``dashboard_url`` among others), or None if Ray was already up.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # A local instance of our own binds its dashboard to loopback only.
-        ray.init(dashboard_host="127.0.0.1")
+        return ray.init()
+    # A local instance of our own binds its dashboard to loopback only.
+    return ray.init(dashboard_host="127.0.0.1")
 
 
 def print_summary(summary: dict, run_dir: str) -> None:

@@ -146,6 +146,33 @@ def _merge_bad(rows: list[dict], bad: list[tuple[int, str]]) -> list[dict]:
     return out
 
 
+def check_columns(f: InputFile, columns: list[str], storage_options: dict | None = None) -> None:
+    """Raises :class:`InputError` when a file lacks one of ``columns`` (schema / first lines only)."""
+    with fsspec.open(f.url, "rb", **(storage_options or {})) as fh:
+        if f.format == "parquet":
+            names = pq.ParquetFile(fh).schema_arrow.names
+        elif f.format == "arrow":
+            data = fh.read()
+            try:
+                names = pa.ipc.open_file(pa.BufferReader(data)).schema.names
+            except pa.ArrowInvalid:
+                names = pa.ipc.open_stream(pa.BufferReader(data)).schema.names
+        else:
+            names = set()
+            for _, raw in zip(range(100), fh):
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    continue
+                if isinstance(obj, dict):
+                    names |= set(obj)
+            if not names:
+                return  # nothing decodable up front: rows are skipped one by one later
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{f.url}: column {missing[0]!r} not found; columns are {sorted(names)}")
+
+
 def count_rows(f: InputFile, storage_options: dict | None = None) -> int:
     """Rows in a file (Parquet from its footer; others by reading it)."""
     if f.format == "parquet":

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import Config, ConfigError
 from .data import Partition, duplicate_rows, list_files, plan_partitions, read_records
-from .preflight import preflight
+from .preflight import check_run_dir, preflight
 from .reducer import eigendecompose, merge_per_module, merge_topk, save_stage_factors
 from .rundir import DamagedArtifact, RunDir
 from .scoring import Method
@@ -46,34 +46,10 @@ from .worker import partition_provenance, remote_worker
 
 STAGE_ORDER = ("fit", "index", "query", "score")
 IN_FLIGHT_PER_WORKER = 2
-# Config keys a run directory is bound to; changing them needs a fresh run_dir.
-PINNED_KEYS = ("pretrained_model", "finetuned_model", "corpus.text_column", "corpus.id_column",
-               "corpus.max_length", "corpus.partition_docs", "finetune_data", "modules", "ekfac",
-               "projection", "model", "cluster.shards")
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d[part]
-    return d
-
-
 def bind_run_dir(run: RunDir, cfg: Config) -> None:
-    """Records the config in ``run.json``, or checks that a rerun's config is compatible.
-
-    Raises:
-        ConfigError: if ``run_dir`` holds a run whose pinned keys differ.
-    """
-    new = cfg.to_dict()
-    if run.exists("run.json"):
-        old = run.read_json("run.json")["config"]
-        for key in PINNED_KEYS:
-            if _get(old, key) != _get(new, key):
-                raise ConfigError(
-                    f"run_dir {cfg.run_dir!r} holds a run with a different {key!r} "
-                    f"({_get(old, key)!r}, now {_get(new, key)!r}); use a new run_dir"
-                )
-    run.write_json("run.json", {"config": new, "version": __version__})
+    """Records the config in ``run.json`` (after :func:`check_run_dir` passed)."""
+    check_run_dir(cfg)
+    run.write_json("run.json", {"config": cfg.to_dict(), "version": __version__})
 
 
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> tqdm:

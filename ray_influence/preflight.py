@@ -12,7 +12,7 @@ from typing import Sequence
 import fsspec
 
 from .config import Config, ConfigError
-from .data import InputError, list_files, read_records
+from .data import InputError, check_columns, list_files, read_records
 
 # Config fields that must agree between the pre-trained and the fine-tuned model.
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
@@ -85,9 +85,39 @@ def check_finetune_data(cfg: Config) -> None:
         raise InputError(f"finetune_data {f.path!r} holds no rows")
 
 
+# Config keys a run directory is bound to; changing them needs a fresh run_dir.
+PINNED_KEYS = ("pretrained_model", "finetuned_model", "corpus.text_column", "corpus.id_column",
+               "corpus.max_length", "corpus.partition_docs", "finetune_data", "modules", "ekfac",
+               "projection", "model", "cluster.shards")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Raises :class:`ConfigError` when ``run_dir`` holds a run whose pinned keys differ."""
+    from .rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
+    if not run.exists("run.json"):
+        return
+    old, new = run.read_json("run.json")["config"], cfg.to_dict()
+    for key in PINNED_KEYS:
+        if _get(old, key) != _get(new, key):
+            raise ConfigError(
+                f"run_dir {cfg.run_dir!r} holds a run with a different {key!r} "
+                f"({_get(old, key)!r}, now {_get(new, key)!r}); use a new run_dir"
+            )
+
+
 def preflight(cfg: Config, stages: Sequence[str]) -> None:
     """All the cheap checks the given stages need."""
-    list_files(cfg.corpus.path)
+    check_run_dir(cfg)
+    for f in list_files(cfg.corpus.path):
+        check_columns(f, [cfg.corpus.id_column, cfg.corpus.text_column])
     check_models(cfg)
     if "fit" in stages:
         check_finetune_data(cfg)

@@ -99,7 +99,7 @@ def flatten(per_module: PerModule, names: Sequence[str]) -> torch.Tensor:
     missing = [n for n in names if n not in per_module]
     if missing:
         raise ValueError(f"missing modules {missing}")
-    return torch.cat([per_module[n].reshape(per_module[n].shape[0], -1) for n in names], dim=1)
+    return torch.cat([per_module[n].flatten(start_dim=1) for n in names], dim=1)
 
 
 def scores(u: torch.Tensor, docs: torch.Tensor, cosine: bool = False, doc_sqnorm: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,3 +78,13 @@ def test_ray_job_submit_writes_results(head_node, tmp_path):
     rows = duckdb.sql(f"select method, count(*) from read_parquet('{cfg['run_dir']}/results/**/*.parquet', "
                       "hive_partitioning=true) group by method order by method").fetchall()
     assert rows == [("grad_cos", 15), ("multi_stage", 15)], rows  # 3 queries x top 5
+
+
+def test_local_ray_of_the_cli_binds_its_dashboard_to_loopback():
+    code = ("import ray\nfrom ray_influence.cli import init_ray\nctx = init_ray()\n"
+            "print('URL', ctx.dashboard_url)\nray.shutdown()\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    urls = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("URL ")]
+    assert urls and urls[0].startswith("127.0.0.1:"), proc.stdout + proc.stderr[-2000:]
