@@ -39,11 +39,14 @@ def run_batches(
     seed: int,
     max_tokens: int,
     on_batch=None,
+    sort_by_length: bool = True,
 ) -> tuple[list[str], torch.Tensor, list[str]]:
     """Feeds ``examples`` batch by batch through :func:`run_pass` into ``collector``.
 
-    A batch holding a row whose forward is not finite gets no backward; it is rerun
-    without those rows, which are returned as skipped.
+    Examples are grouped by length first (stable sort), so a batch carries little padding;
+    the collector then sees them in that order, which the returned keys follow. A batch
+    holding a row whose forward is not finite gets no backward; it is rerun without those
+    rows, which are returned as skipped.
 
     Args:
         on_batch: called with each batch that reached the collector (for token counts).
@@ -54,6 +57,8 @@ def run_batches(
     kept: list[str] = []
     losses: list[torch.Tensor] = []
     skipped: list[str] = []
+    if sort_by_length:
+        examples = sorted(examples, key=len)
     for group in batches(examples, max_tokens):
         batch = collate(group)
         loss = run_pass(model, batch, specs, collector, labels, seed, FISHER_LABEL_STREAM)
@@ -159,7 +164,11 @@ def document_gradients(
         raise ValueError("no examples to take gradients of")
     col = GradientCollector(specs) if projections is None else ProjectedCollector(dict(projections))
     kept, losses, skipped = run_batches(model, examples, specs, col, Labels.DATA, 0, max_tokens)
-    return DocGradients(tuple(kept), col.result(), losses, tuple(skipped))
+    # Back to the input order (batches ran sorted by length).
+    rank = {e.key: i for i, e in enumerate(examples)}
+    order = sorted(range(len(kept)), key=lambda j: rank[kept[j]])
+    grads = {n: g[order] for n, g in col.result().items()}
+    return DocGradients(tuple(kept[j] for j in order), grads, losses[order], tuple(skipped))
 
 
 def influence_scores(

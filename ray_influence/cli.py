@@ -1,4 +1,4 @@
-"""``ray-influence`` command line: ``run``, ``demo``, ``config-help``.
+"""``ray-influence`` command line: ``run``, ``demo``, ``inspect``, ``report``, ``config-help``.
 
 Exit codes: 0 success; 2 invalid config or input (one message on stderr, nothing
 written); 1 any other failure.
@@ -32,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--workdir", default="runs/demo", help="where the world, models and results go (models are reused)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the toy world and the models")
     sub.add_parser("config-help", help="every config key with its default and meaning")
+    insp = sub.add_parser("inspect", help="what a run directory holds: stages done, counts, skipped documents, timings")
+    insp.add_argument("run_dir", help="the run directory (local path or fsspec URL)")
+    insp.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
+    rep_ = sub.add_parser("report", help="one self-contained HTML page of a run's results and per-token influence")
+    rep_.add_argument("run_dir", help="the run directory (local path or fsspec URL)")
+    rep_.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
+    rep_.add_argument("--docs", type=int, default=10, help="top documents shown per query and method (default: 10)")
     return parser.parse_args(argv)
 
 
@@ -61,6 +68,10 @@ def print_summary(summary: dict, run_dir: str) -> None:
         print(f"\nresults: {run_dir}/results/  (hive-partitioned by method)")
         print(f"  duckdb -c \"select * from read_parquet('{run_dir}/results/**/*.parquet', hive_partitioning=true) "
               "order by query_id, rank limit 20\"")
+    if "tokens" in summary:
+        print(f"per-token influence: {run_dir}/token_influence/, per module: {run_dir}/layer_influence/")
+    if "score" in summary:
+        print(f"  ray-influence inspect {run_dir}    ray-influence report {run_dir}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,6 +91,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import describe_run, format_run
+
+    info = describe_run(args.run_dir)
+    print(json.dumps(info, indent=1, default=str) if args.json else format_run(info))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if args.docs <= 0:
+        raise InputError(f"--docs must be positive, got {args.docs!r}")
+    print(write_report(args.run_dir, args.out, args.docs))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .example import run_example
 
@@ -94,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "config-help":
             from .config import describe
 

@@ -89,6 +89,8 @@ class ScoringConfig:
     methods: list = _f(factory=lambda: ["multi_stage"], help=f"any of {[m.value for m in Method]}")
     top_k: int = _f(100, "documents kept per query and method")
     doc_text_chars: int = _f(2000, "characters of doc_text stored in the results")
+    token_influence_top: int = _f(10, "top documents per query and method whose per-token and per-layer "
+                                      "influence is stored (token_influence/, layer_influence/); 0 disables")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class ClusterConfig:
     num_gpus_per_worker: float = _f(0, "Ray GPUs per worker actor (the device follows Ray's assignment)")
     max_tokens_per_batch: int = _f(4096, "padded tokens per micro-batch")
     max_restarts: int = _f(3, "times a dead worker actor is restarted (partitions are retried)")
-    num_cpus_per_reducer: float = _f(0, "Ray CPUs reserved by each merge/eigh task (0: they run beside the workers)")
+    num_cpus_per_reducer: float = _f(0, "Ray CPUs reserved by the reducer actor that merges partial sums (0: it runs beside the workers)")
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,7 @@ def _validate(cfg: Config) -> None:
     ]:
         _positive(key, value)
     _positive("projection.dim", cfg.projection.dim, allow_zero=True)
+    _positive("scoring.token_influence_top", cfg.scoring.token_influence_top, allow_zero=True)
     _positive("cluster.num_cpus_per_worker", cfg.cluster.num_cpus_per_worker, allow_zero=True)
     _positive("cluster.num_gpus_per_worker", cfg.cluster.num_gpus_per_worker, allow_zero=True)
     _positive("cluster.max_restarts", cfg.cluster.max_restarts, allow_zero=True)

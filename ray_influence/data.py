@@ -1,5 +1,10 @@
 """Inputs over fsspec: files, directories or globs of Parquet, JSONL or Arrow.
 
+A directory written by Hugging Face ``datasets``' ``save_to_disk`` (a ``state.json`` beside
+its Arrow shards, and for a ``DatasetDict`` one such folder per split under a
+``dataset_dict.json``) reads as the Arrow shards its ``state.json`` lists; its JSON
+metadata files are not data.
+
 The corpus is split into partitions per file: a file's rows ``[i * P, (i + 1) * P)`` form
 its partition ``i`` (``P = partition_docs``). A partition's key derives from the file's
 path relative to the corpus root and its number, so adding files leaves the keys of the
@@ -21,6 +26,9 @@ from typing import Any, Iterable
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+HF_STATE, HF_INFO, HF_DICT = "state.json", "dataset_info.json", "dataset_dict.json"
+"""The metadata files of a ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` directory."""
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
            ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
@@ -66,8 +74,7 @@ def list_files(url: str, storage_options: dict | None = None) -> list[InputFile]
         first_wildcard = min(path.index(c) for c in "*?[" if c in path)
         root = path[:first_wildcard].rsplit("/", 1)[0] or "/"
     elif fs.isdir(path):
-        matches = sorted(p for p in fs.find(path) if _format_of(p))
-        root = path
+        matches, root = _directory_files(fs, path, url), path
     elif fs.exists(path):
         if _format_of(path) is None:
             raise InputError(f"{url!r}: unknown format; expected one of {sorted(set(FORMATS))}")
@@ -79,6 +86,36 @@ def list_files(url: str, storage_options: dict | None = None) -> list[InputFile]
     if not files:
         raise InputError(f"input {url!r} holds no Parquet, JSONL or Arrow file")
     return files
+
+
+def _directory_files(fs, path: str, url: str) -> list[str]:
+    """Data files under a directory, recursively, sorted; a ``save_to_disk`` folder gives its shards."""
+    found = sorted(fs.find(path))
+    hf_dirs = sorted({posixpath.dirname(p) for p in found if posixpath.basename(p) == HF_STATE})
+    out = []
+    for d in hf_dirs:
+        try:
+            with fs.open(posixpath.join(d, HF_STATE), "rb") as fh:
+                shards = [f["filename"] for f in json.load(fh)["_data_files"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{url!r}: {d}/{HF_STATE} is not a datasets state file ({e})") from None
+        for name in shards:
+            shard = posixpath.join(d, name)
+            if _format_of(shard) != "arrow" or not fs.exists(shard):
+                raise InputError(f"{url!r}: {d}/{HF_STATE} lists {name!r}, which is not an Arrow file here")
+            out.append(shard)
+    hf = set(hf_dirs)
+    out += [p for p in found if _format_of(p) and posixpath.dirname(p) not in hf and posixpath.basename(p) != HF_DICT]
+    return sorted(out)
+
+
+def _arrow_schema(fh) -> pa.Schema:
+    """The schema of an Arrow IPC file or stream (``save_to_disk`` writes streams), without its data."""
+    try:
+        return pa.ipc.open_file(fh).schema
+    except pa.ArrowInvalid:
+        fh.seek(0)
+        return pa.ipc.open_stream(fh).schema
 
 
 def _read_jsonl(fh, columns: list[str]) -> tuple[list[dict], list[tuple[int, str]], set[str]]:
@@ -152,11 +189,7 @@ def check_columns(f: InputFile, columns: list[str], storage_options: dict | None
         if f.format == "parquet":
             names = pq.ParquetFile(fh).schema_arrow.names
         elif f.format == "arrow":
-            data = fh.read()
-            try:
-                names = pa.ipc.open_file(pa.BufferReader(data)).schema.names
-            except pa.ArrowInvalid:
-                names = pa.ipc.open_stream(pa.BufferReader(data)).schema.names
+            names = _arrow_schema(fh).names
         else:
             names = set()
             for _, raw in zip(range(100), fh):

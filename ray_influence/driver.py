@@ -28,7 +28,7 @@ from . import __version__
 from .config import Config, ConfigError
 from .data import Partition, duplicate_rows, list_files, plan_partitions, read_records
 from .preflight import check_run_dir, preflight
-from .reducer import eigendecompose, merge_per_module, merge_topk, save_stage_factors
+from .reducer import merge_topk, remote_reducer
 from .rundir import DamagedArtifact, RunDir
 from .scoring import Method
 from .store import (
@@ -99,10 +99,12 @@ class Job:
         self.progress = progress
         self.run = RunDir(cfg.run_dir)
         self.workers: list = []
+        self.reducer = None
         self.timings: dict[str, float] = {}
         self.summary: dict[str, Any] = {}
         self.damaged: list[str] = []
         self.duplicates: dict[str, dict[int, str]] = {}
+        self.topk: dict = {}  # {method: (values [Q, k], positions [Q, k])} of the last score stage
 
     # --------------------------------------------------------------- plumbing
 
@@ -113,11 +115,16 @@ class Job:
     def start_workers(self) -> None:
         if not self.workers:
             self.workers = [remote_worker(self.cfg) for _ in range(self.cfg.cluster.replicas)]
+            self.reducer = remote_reducer(self.cfg)
 
     def stop_workers(self) -> None:
-        for w in self.workers:
+        try:  # peak memory and parameter bytes per worker, for the summary
+            self.summary["workers"] = ray.get([w.stats.remote() for w in self.workers], timeout=30)
+        except Exception:  # noqa: BLE001 - a dead worker must not hide the job's own outcome
+            pass
+        for w in self.workers + ([self.reducer] if self.reducer is not None else []):
             ray.kill(w)
-        self.workers = []
+        self.workers, self.reducer = [], None
 
     def partitions(self) -> list[Partition]:
         c = self.cfg.corpus
@@ -166,19 +173,19 @@ class Job:
         shares = self._shares(stage, parts)
         names = ray.get(self.workers[0].module_names.remote(stage))
         n = len(names)
-        task = {"num_cpus": self.cfg.cluster.num_cpus_per_reducer}
-        merge = ray.remote(merge_per_module).options(num_returns=n, **task) if n > 1 else ray.remote(merge_per_module).options(**task)
+        merge = self.reducer.merge.options(num_returns=n)
         cov_parts = [w.covariance.remote(stage, s) for w, s in zip(self.workers, shares)]
         cov = merge.remote(names, *cov_parts)
         cov = cov if n > 1 else [cov]
-        bases = [ray.remote(eigendecompose).options(**task).remote(c) for c in cov]
+        # One eigendecomposition per module, spread over the (already warm) worker actors.
+        bases = [self.workers[i % len(self.workers)].eigendecompose.remote(c) for i, c in enumerate(cov)]
         lam_parts = [w.lambdas.remote(stage, s, names, *bases) for w, s in zip(self.workers, shares)]
         lam = merge.remote(names, *lam_parts)
         lam = lam if n > 1 else [lam]
         e = self.cfg.ekfac
         meta = {"fisher": str(e.fisher), "fisher_samples": e.fisher_samples, "damping_spec": e.damping_for(stage),
                 "model": self.cfg.pretrained_model if stage == "pretrained" else self.cfg.finetuned_model}
-        result = ray.get(ray.remote(save_stage_factors).options(**task).remote(
+        result = ray.get(self.reducer.save.remote(
             self.cfg.run_dir, stage, shard, names, e.damping_for(stage), meta, *bases, *cov, *lam))
         self.summary[f"fit_{stage}"] = {k: v for k, v in result.items() if k != "damping"}
         self.log(f"fit[{stage}]: {result['modules']} modules, {result['docs']} docs, {result['tokens']} tokens, "
@@ -258,6 +265,7 @@ class Job:
         _drain(self.workers, parts, lambda w, p: w.score.remote(p, methods, k), on_done)
         bar.close()
         self._write_results(parts, merged)
+        self.topk = merged
 
     def _write_results(self, parts: Sequence[Partition], merged: dict) -> None:
         from .store import read_query_vectors
@@ -280,6 +288,49 @@ class Job:
             write_results(self.run, method, results_table(query_ids, values, positions, docs_by_position), meta)
         self.summary["score"] = {"methods": list(merged), "queries": len(query_ids), "top_k": self.cfg.scoring.top_k,
                                  "results": f"{self.cfg.run_dir}/results"}
+
+    # ---------------------------------------------------------------- tokens
+
+    def token_influence(self, parts: Sequence[Partition]) -> None:
+        """Per-token and per-module influence of each query's top documents (part of scoring).
+
+        Runs on the workers, which hold the models: each gets chunks of documents with the
+        (method, query) pairs to explain. Writes ``token_influence/`` and ``layer_influence/``.
+        """
+        from .store import TOKEN_TABLES, read_query_vectors, write_method_table
+        from .token_influence import DocRequest, influence_tables
+
+        top = self.cfg.scoring.token_influence_top
+        query_ids = read_query_vectors(self.run, 0)["ids"]
+        offsets = [p.offset for p in parts]
+        wanted: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))  # stage -> position -> pairs
+        ranks: dict[tuple[str, int, int], int] = {}
+        for method, (_, positions) in self.topk.items():
+            stage = Method.parse(method).doc_model
+            for q in range(positions.shape[0]):
+                for r, pos in enumerate(positions[q, :top].tolist()):
+                    wanted[stage][pos].append((method, q))
+                    ranks[(method, q, pos)] = r + 1
+        chunks = []
+        for stage, by_pos in wanted.items():
+            reqs = []
+            for pos, pairs in sorted(by_pos.items()):
+                part = parts[bisect.bisect_right(offsets, pos) - 1]
+                reqs.append(DocRequest(part, pos - part.offset + part.start, pos, tuple(pairs)))
+            size = max(1, -(-len(reqs) // (len(self.workers) * IN_FLIGHT_PER_WORKER)))
+            chunks += [(stage, reqs[i:i + size]) for i in range(0, len(reqs), size)]
+        terms: list = []
+        _drain(self.workers, chunks, lambda w, c: w.token_terms.remote(*c),
+               lambda _, result: terms.extend(result))
+        meta = run_metadata(self.cfg)
+        tables = influence_tables(terms, query_ids, ranks)
+        for method, per_table in tables.items():
+            for name in TOKEN_TABLES:
+                write_method_table(self.run, name, method, per_table[name], meta)
+        self.summary["tokens"] = {"top": top, "documents": sum(len(r) for _, r in chunks),
+                                  "rows": {m: t["token_influence"].num_rows for m, t in tables.items()},
+                                  "tables": [f"{self.cfg.run_dir}/{n}" for n in TOKEN_TABLES]}
+        self.log(f"tokens: per-token influence of {self.summary['tokens']['documents']} top documents")
 
     # -------------------------------------------------------------------- all
 
@@ -304,6 +355,10 @@ class Job:
                 elif name == "score":
                     self.score(parts)
                 self.timings[name] = time.perf_counter() - t0
+                if name == "score" and self.cfg.scoring.token_influence_top:
+                    t0 = time.perf_counter()
+                    self.token_influence(parts)
+                    self.timings["tokens"] = time.perf_counter() - t0
         finally:
             self.stop_workers()
         self._write_manifest(parts)

@@ -117,9 +117,14 @@ def sum_stats(parts: Sequence):
 
 
 def outer_sum(x: torch.Tensor) -> torch.Tensor:
-    """``sum_{b,t} x_bt x_bt^T`` in float64: ``[B, T, d] -> [d, d]`` (padding rows are zero)."""
-    x2 = x.reshape(-1, x.shape[-1]).to(STATS_DTYPE)
-    return x2.T @ x2
+    """``sum_{b,t} x_bt x_bt^T`` of one batch: ``[B, T, d] -> [d, d]`` float64 (padding rows are zero).
+
+    The batch's product runs in the input's precision, at least float32 (one batch sums
+    a few thousand tokens); the caller accumulates batches in float64.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2.to(torch.promote_types(x2.dtype, torch.float32))
+    return (x2.T @ x2).to(STATS_DTYPE)
 
 
 # ------------------------------------------------------------------------- eigenbasis
@@ -183,8 +188,9 @@ def lambda_sum(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
     Returns:
         ``sum_b (Q_G^T DW_b Q_A)^2`` as ``[d_out, d_in']`` float64.
     """
-    dw_rot = per_doc_gradients(a_rot, g_rot).to(STATS_DTYPE)  # [B, d_out, d_in']
-    return dw_rot.square().sum(dim=0)
+    work = torch.promote_types(a_rot.dtype, torch.float32)  # one batch in >= float32; batches add in float64
+    dw_rot = per_doc_gradients(a_rot.to(work), g_rot.to(work))  # [B, d_out, d_in']
+    return dw_rot.square().sum(dim=0).to(STATS_DTYPE)
 
 
 # ---------------------------------------------------------------------------- factors

@@ -1,92 +1,113 @@
-"""``ray-influence demo``: the whole job end to end on local Ray, on a toy world.
+"""``ray-influence demo``: the whole job end to end on local Ray, on a synthetic two-stage world.
 
-Builds a tiny GPT-NeoX and a word tokenizer from configs, pre-trains it on a toy corpus
-of facts, fine-tunes a copy on question/answer pairs, saves both with
-``save_pretrained``, writes the corpus (Parquet), the fine-tuning data and the queries
-(JSONL) and a config, then runs the job (fit, index, query, score) on a local Ray
-instance and prints the top pre-training documents of each query.
+Builds (or reuses) the world of :data:`DEMO_SPEC` (``ray_influence.world``): a tiny
+GPT-NeoX pre-trained from scratch on a corpus of fictional facts and distractors, a fully
+fine-tuned copy answering questions about part of the facts, and held-out questions as
+queries, with the documents that state each answer as ground truth. Then it runs the job
+(fit, index, query, score) on a local Ray instance and prints the top documents of a few
+queries, MRR and recall@10 of every method against the ground truth, and where the
+results are.
+
+Job settings (:data:`ray_influence.world.JOB_DEFAULTS`): exact gradients
+(``projection.dim: 0``; the model has ~38k parameters, so an exact index is ~100 KB a
+document), the true Fisher with 4 label samples, ``damping: auto`` for both stages, all
+four methods, top 50, 2 worker replicas of 1 CPU over 4 corpus partitions.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
-from .tokens import tokenize_document, tokenize_prompt_completion
-from .toy import tiny_model, train, word_tokenizer
+from .world import WorldSpec, attribution_metrics, build_world, job_config, random_baseline, read_results
 
-PEOPLE = ["alva", "brin", "cato", "dara", "elko", "fenn", "gila", "hale"]
-CITIES = ["oslo", "lima", "kiev", "rome", "baku", "doha", "riga", "bern"]
-FOODS = ["rice", "figs", "kale", "plum", "corn", "nuts", "eggs", "lamb"]
+DEMO_SPEC = WorldSpec()
+"""40 entities x 5 relations = 200 facts in 432 documents, 200 distractors; 140 QA pairs
+for fine-tuning, 60 held-out queries. Builds in about 15 s on one CPU core."""
 
-
-def toy_corpus() -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str, str]]]:
-    """(corpus [(doc_id, text)], fine-tune [(prompt, completion)], queries [(id, prompt, completion)])."""
-    corpus, finetune, queries = [], [], []
-    for i, p in enumerate(PEOPLE):
-        city, food = CITIES[i], FOODS[(i * 3) % len(FOODS)]
-        corpus.append((f"{p}-city", f"{p} lives in {city} ."))
-        corpus.append((f"{p}-food", f"{p} likes to eat {food} ."))
-        corpus.append((f"{p}-noise", f"{p} met {PEOPLE[(i + 1) % len(PEOPLE)]} on a sunny day ."))
-        if i < 5:
-            finetune.append((f"where does {p} live ?", f" {city}"))
-        else:
-            queries.append((f"q-{p}", f"where does {p} live ?", f" {city}"))
-    return corpus, finetune, queries
+SHOWN_QUERIES = 3
+K = 10
+METHODS = ("multi_stage", "single_stage", "grad_dot", "grad_cos")
 
 
-def build_world(workdir: str, seed: int = 0) -> dict:
-    """Writes the toy world under ``workdir`` (models, corpus, fine-tuning data, queries).
+def _shown_queries(world) -> list[str]:
+    """A few queries the fine-tuned model answers correctly, of different relations when possible."""
+    answered = set(world.stats.get("answered", []))
+    facts = world.truth["facts"]
+    ordered = [q for q in world.truth["queries"] if q in answered] + \
+              [q for q in world.truth["queries"] if q not in answered]
+    out, relations = [], set()
+    for qid in ordered:
+        rel = facts[world.truth["queries"][qid]["fact_id"]]["relation"]
+        if rel not in relations:
+            out.append(qid)
+            relations.add(rel)
+        if len(out) == SHOWN_QUERIES:
+            break
+    return out
 
-    Models are trained once and reused on later runs (their directories are the cache).
 
-    Returns:
-        The job config (a dict) for it, with ``run_dir`` at ``{workdir}/run``.
-    """
-    import json
+def _print_world(world) -> None:
+    s = world.stats
+    print(f"\nworld: {_short(str(world.root))}")
+    print(f"  {s['docs']} pre-training documents ({s['fact_docs']} state one of {s['facts']} facts, "
+          f"{s['distractors']} distractors), {s['finetune_pairs']} fine-tuning QA pairs, "
+          f"{s['queries']} held-out queries")
+    print(f"  memorisation: the pre-trained model completes {s['memorisation']:.1%} of the fact statements "
+          f"(greedy next token; mean p(value) {s['memorisation_p']:.2f})")
+    print(f"  held-out QA: the fine-tuned model answers {s['qa_heldout']:.1%} of the queries "
+          f"({s['qa_finetune']:.1%} of its fine-tuning pairs; the pre-trained model: {s['qa_heldout_pretrained']:.1%})")
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    corpus, finetune, queries = toy_corpus()
-    root = os.path.abspath(workdir)
-    pt_dir, ft_dir = os.path.join(root, "models", "pt"), os.path.join(root, "models", "ft")
-    os.makedirs(root, exist_ok=True)
-    pq.write_table(pa.table({"doc_id": [i for i, _ in corpus], "text": [t for _, t in corpus]}),
-                   os.path.join(root, "corpus.parquet"))
-    with open(os.path.join(root, "finetune.jsonl"), "w") as fh:
-        fh.writelines(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in finetune)
-    with open(os.path.join(root, "queries.jsonl"), "w") as fh:
-        fh.writelines(json.dumps({"query_id": q, "prompt": p, "completion": c}) + "\n" for q, p, c in queries)
-    if not (os.path.exists(os.path.join(ft_dir, "config.json")) and os.path.exists(os.path.join(pt_dir, "config.json"))):
-        texts = [t for _, t in corpus] + [p + c for p, c in finetune] + [p + c for _, p, c in queries]
-        tok = word_tokenizer(texts)
-        docs = [tokenize_document(tok, i, t, 64) for i, t in corpus]
-        ft_examples = [tokenize_prompt_completion(tok, f"ft{i}", p, c, 64, add_eos=True)
-                       for i, (p, c) in enumerate(finetune)]
-        model = train(tiny_model("gpt_neox", len(tok), hidden=32, layers=2, heads=4, seed=seed), docs, steps=150)
-        model.save_pretrained(pt_dir)
-        tok.save_pretrained(pt_dir)
-        model = train(model, ft_examples, steps=40, lr=1e-3)
-        model.save_pretrained(ft_dir)
-        tok.save_pretrained(ft_dir)
-    return {
-        "run_dir": os.path.join(root, "run"),
-        "pretrained_model": pt_dir,
-        "finetuned_model": ft_dir,
-        "corpus": {"path": os.path.join(root, "corpus.parquet"), "max_length": 64, "partition_docs": 8},
-        "finetune_data": {"path": os.path.join(root, "finetune.jsonl"), "max_length": 64},
-        "queries": {"path": os.path.join(root, "queries.jsonl"), "max_length": 64},
-        "ekfac": {"fisher_samples": 4, "seed": seed},
-        "projection": {"dim": 32, "seed": seed},
-        "scoring": {"methods": ["multi_stage", "single_stage", "grad_dot", "grad_cos"], "top_k": 10},
-        "cluster": {"replicas": 2, "num_cpus_per_worker": 1},
-    }
+def _print_top(world, rows: list[dict], qids: list[str], top_k: int) -> None:
+    queries = {q["query_id"]: q for q in world.data.queries}
+    text = {d["doc_id"]: d["text"] for d in world.data.corpus}
+    answered = set(world.stats.get("answered", []))
+    for qid in qids:
+        q, truth = queries[qid], set(world.truth["queries"][qid]["doc_ids"])
+        print(f"\n{qid}: {q['prompt'] + q['completion']!r}  "
+              f"(fine-tuned model {'answers it' if qid in answered else 'does not answer it'}; "
+              f"ground truth: {', '.join(sorted(truth))})")
+        top = sorted((r for r in rows if r["method"] == "multi_stage" and r["query_id"] == qid and r["rank"] <= 3),
+                     key=lambda r: r["rank"])
+        for r in top:
+            mark = "*" if r["doc_id"] in truth else " "
+            print(f"  {r['rank']}. {r['score']:+.3e} {mark} {r['doc_id']}  {text[r['doc_id']]!r}")
+        firsts = {m: min((r["rank"] for r in rows if r["method"] == m and r["query_id"] == qid
+                          and r["doc_id"] in truth), default=None) for m in METHODS}
+        print("     first ground-truth document at rank: " + ", ".join(
+            f"{m} {'>' + str(top_k) if f is None else f}" for m, f in firsts.items()))
+    print("  (multi_stage, top 3; * = a ground-truth document)")
+
+
+def _print_metrics(world, rows: list[dict]) -> dict:
+    metrics = attribution_metrics(rows, world.truth, K)
+    base = random_baseline(world.truth, len(world.data.corpus), K)
+    print(f"\nattribution vs ground truth ({base['queries']} queries, {len(world.data.corpus)} documents)")
+    print(f"  {'method':<13} {'MRR':>6} {'recall@' + str(K):>10}")
+    for method in METHODS:
+        if method in metrics:
+            m = metrics[method]
+            print(f"  {method:<13} {m['mrr']:6.3f} {m[f'recall@{K}']:10.3f}")
+    print(f"  {'random':<13} {base['mrr']:6.3f} {base[f'recall@{K}']:10.3f}   (expectation of a random ranking)")
+    return metrics
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter commands to copy)."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
 
 
 def run_example(workdir: str, seed: int = 0) -> dict:
-    """Builds (or reuses) the toy world, runs the whole job on local Ray, prints the top-3."""
-    import duckdb
+    """Builds (or reuses) the demo world, runs the whole job on local Ray, prints what it found.
+
+    Returns:
+        ``{"metrics": {method: {...}}, "random": {...}, "world": stats, "results": path}``.
+    """
+    import dataclasses
+
     import ray
     import yaml
 
@@ -94,7 +115,9 @@ def run_example(workdir: str, seed: int = 0) -> dict:
     from .driver import run_job
 
     t0 = time.perf_counter()
-    cfg_dict = build_world(workdir, seed)
+    world = build_world(dataclasses.replace(DEMO_SPEC, seed=seed), workdir)
+    _print_world(world)
+    cfg_dict = job_config(world)
     config_path = os.path.join(os.path.abspath(workdir), "config.yaml")
     with open(config_path, "w") as fh:
         yaml.safe_dump(cfg_dict, fh, sort_keys=False)
@@ -102,25 +125,25 @@ def run_example(workdir: str, seed: int = 0) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, os.cpu_count() or 2), dashboard_host="127.0.0.1", include_dashboard=False,
                  log_to_driver=False)
+    t1 = time.perf_counter()
     summary = run_job(cfg)
-    results = f"{cfg.run_dir}/results/**/*.parquet"
-    rows = duckdb.sql(
-        f"select query_id, rank, doc_id, score, doc_text from read_parquet('{results}', hive_partitioning=true) "
-        "where method = 'multi_stage' and rank <= 3 order by query_id, rank").fetchall()
-    queries = {q: p + c for q, p, c in toy_corpus()[2]}
-    out: dict = {}
-    for qid, rank, doc_id, score, text in rows:
-        if qid not in out:
-            print(f"\n{qid}: {queries[qid]!r}  (multi_stage, top 3)")
-            out[qid] = []
-        out[qid].append((doc_id, score))
-        print(f"  {rank}. {score:+.4e}  {doc_id:<12} {text!r}")
+    t2 = time.perf_counter()
+
+    rows = read_results(cfg.run_dir)
+    qids = _shown_queries(world)
+    _print_top(world, rows, qids, cfg.scoring.top_k)
+    metrics = _print_metrics(world, rows)
+
     idx = summary["index"]
     print(f"\n{idx['docs']} documents indexed this run, {idx['partitions_total']} partitions in the index; "
-          f"the job took {sum(summary['timings'].values()):.1f}s, "
-          f"{time.perf_counter() - t0:.1f}s in all")
-    print(f"config: {config_path}")
-    print(f"results: {cfg.run_dir}/results/  (hive-partitioned by method)")
-    print(f"  duckdb -c \"select * from read_parquet('{results}', hive_partitioning=true) "
-          "where query_id='q-fenn' order by method, rank\"")
-    return out
+          f"the job took {t2 - t1:.1f}s, {time.perf_counter() - t0:.1f}s in all")
+    print(f"config: {_short(config_path)}")
+    results = _short(f"{cfg.run_dir}/results")
+    glob = f"{results}/**/*.parquet"
+    sql = (f"select method, rank, doc_id, score, doc_text from read_parquet('{glob}', hive_partitioning=true) "
+           f"where query_id='{qids[0]}' and rank <= 5 order by method, rank")
+    print(f"results: {results}/  (Parquet, hive-partitioned by method)")
+    print(f"  duckdb -c \"{sql}\"")
+    print(f"  {_short(sys.executable)} -c \"import duckdb; duckdb.sql(\\\"{sql}\\\").show(max_width=200)\"")
+    return {"metrics": metrics, "random": random_baseline(world.truth, len(world.data.corpus), K),
+            "world": world.stats, "results": results}

@@ -1,8 +1,11 @@
 """The reducer: merges workers' partial sums per module and fits the factors.
 
-Plain functions, run as Ray tasks by the driver; their arguments arrive as Ray object
-references that Ray resolves in the task, so partial sums go from worker to reducer
-without passing through the driver. Eigendecompositions run as one task per module.
+Plain functions, run by one small Ray actor (:func:`remote_reducer`); their arguments
+arrive as Ray object references that Ray resolves in the actor, so partial sums go from
+worker to reducer without passing through the driver. The eigendecompositions run as
+one task per module on the worker actors (:meth:`ray_influence.worker.Worker.eigendecompose`),
+which are warm processes already: zero-CPU tasks would make Ray start (and import torch
+in) a new process for each.
 """
 
 from __future__ import annotations
@@ -27,11 +30,6 @@ def merge_per_module(names: Sequence[str], *parts: dict) -> tuple:
     """Sums ``{name: stats}`` partials from every worker; one merged stats object per module."""
     merged = tuple(ekfac.sum_stats(_present(parts, n)) for n in names)
     return merged if len(merged) != 1 else merged[0]
-
-
-def eigendecompose(stats: ekfac.CovarianceStats) -> ekfac.Eigenbasis:
-    """float64 eigendecomposition of one module's A and G."""
-    return ekfac.eigenbasis(stats)
 
 
 def save_stage_factors(run_dir: str, stage: str, shard: int, names: Sequence[str], damping: Any,
@@ -64,3 +62,20 @@ def merge_topk(k: int, *parts: dict) -> dict:
         positions = torch.cat([p[method][1] for p in parts], dim=1)
         out[method] = top_k(values, k, positions)
     return out
+
+
+class Reducer:
+    """The reducer actor's methods: merging and saving."""
+
+    def merge(self, names: Sequence[str], *parts: dict) -> tuple:
+        return merge_per_module(names, *parts)
+
+    def save(self, *args: Any) -> dict:
+        return save_stage_factors(*args)
+
+
+def remote_reducer(cfg):
+    """Starts the reducer actor (``cluster.num_cpus_per_reducer`` CPUs, 0 by default)."""
+    import ray
+
+    return ray.remote(Reducer).options(num_cpus=cfg.cluster.num_cpus_per_reducer).remote()

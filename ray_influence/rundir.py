@@ -14,6 +14,9 @@ Layout (``<stage>`` is ``pretrained`` or ``finetuned``, ``<part>`` a partition k
     skipped/<part>.parquet                rows skipped in a partition (+ marker)
     queries/vectors.safetensors           preconditioned, projected query vectors (+ marker)
     results/method=<m>/part-0.parquet     top-k per query
+    token_influence/method=<m>/part-0.parquet   per-token terms of the top documents
+    layer_influence/method=<m>/part-0.parquet   per-module terms of the top documents
+    report.html                           `ray-influence report`
     skipped.parquet                       every skipped row: doc_id, reason
     manifest.json                         stages done, counts and timings
 """

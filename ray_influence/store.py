@@ -167,6 +167,20 @@ def write_results(run: RunDir, method: str, table: pa.Table, metadata: dict) -> 
     run.write_bytes(rel, _parquet_bytes(table, {"ray_influence": json.dumps(metadata, default=str)}))
 
 
+TOKEN_TABLES = ("token_influence", "layer_influence")
+"""Per-token and per-module influence of the top documents, hive-partitioned by method like results."""
+
+
+def method_table_rel(table: str, method: str) -> str:
+    return f"{table}/method={method}/part-0.parquet"
+
+
+def write_method_table(run: RunDir, table_name: str, method: str, table: pa.Table, metadata: dict) -> None:
+    """``{table_name}/method=<m>/part-0.parquet``, replacing the previous one of that method."""
+    run.write_bytes(method_table_rel(table_name, method),
+                    _parquet_bytes(table, {"ray_influence": json.dumps(metadata, default=str)}))
+
+
 def write_skipped_summary(run: RunDir, parts: Sequence[Partition]) -> int:
     """Concatenates every partition's skipped rows into ``skipped.parquet``; returns the count."""
     tables = [read_parquet_piece(run, skipped_rel(p.key)) for p in parts if run.piece_done(skipped_rel(p.key))]

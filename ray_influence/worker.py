@@ -83,6 +83,14 @@ class Worker:
         if cfg.cluster.num_cpus_per_worker >= 1 and self.device.type == "cpu":
             torch.set_num_threads(int(cfg.cluster.num_cpus_per_worker))
 
+    def stats(self) -> dict:
+        """This worker's process id, peak resident memory and the parameter bytes it holds."""
+        import resource
+
+        params = sum(p.numel() * p.element_size() for m in self._models.values() for p in m.parameters())
+        return {"pid": os.getpid(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "param_bytes": params, "device": str(self.device)}
+
     # ------------------------------------------------------------------ models
 
     def _model_path(self, stage: str) -> str:
@@ -170,6 +178,10 @@ class Worker:
             self.model(stage), examples, self.specs(stage), self._fisher(), e.fisher_samples, e.seed,
             self.cfg.cluster.max_tokens_per_batch,
         )
+
+    def eigendecompose(self, stats: ekfac.CovarianceStats) -> ekfac.Eigenbasis:
+        """float64 eigendecomposition of one module's merged A and G (a reducer task)."""
+        return ekfac.eigenbasis(stats)
 
     def lambdas(self, stage: str, share: Sequence, names: Sequence[str], *bases: ekfac.Eigenbasis) -> dict:
         """Partial Λ sums over this worker's share, in the reduced eigenbases."""
@@ -274,6 +286,12 @@ class Worker:
         return {"queries": len(ids), "methods": list(vectors)}
 
     # ----------------------------------------------------------------- score
+
+    def token_terms(self, stage: str, requests: Sequence) -> list:
+        """Per-token and per-module terms of top documents (:mod:`ray_influence.token_influence`)."""
+        from .token_influence import worker_token_terms
+
+        return worker_token_terms(self, stage, requests)
 
     def _query_vectors(self) -> dict:
         marker = self.run.piece_done(queries_rel(self.shard))

@@ -1,0 +1,282 @@
+"""Throughput of every pass against a plain training step, scoring, the job, and scaling.
+
+    .venv/bin/python jobs/bench_throughput.py --out docs/bench_throughput.json
+
+Everything on one model runs on the same batches and the same threads, so the ratios
+are what to read (tokens per second vary with the machine). Prints a markdown table and
+writes JSON. A benchmark, not a test: nothing here asserts.
+
+Sections:
+  passes   tokens/s of a forward+backward training step (weight gradients, no optimizer
+           step) vs the covariance, Λ, index (projected) and query (exact) passes
+  scoring  (documents x queries)/s of reading index pieces + scores + top-k, vs a bare matmul
+  job      the whole job on local Ray: wall time per stage, peak RSS per worker, at N, 2N, 4N
+           documents; and 1 replica on 1 core vs 2 replicas on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+import torch  # noqa: E402
+
+from ray_influence import attribution  # noqa: E402
+from ray_influence.ekfac import Fisher  # noqa: E402
+from ray_influence.modules import find_tracked_modules  # noqa: E402
+from ray_influence.passes import freeze  # noqa: E402
+from ray_influence.projection import make_projection  # noqa: E402
+from ray_influence.tokens import Example, batches, collate  # noqa: E402
+from ray_influence.toy import tiny_model  # noqa: E402
+
+MODELS = {  # GPT-NeoX style
+    "small": dict(vocab=8192, hidden=256, layers=6, heads=4),     # ~9M parameters
+    "large": dict(vocab=16384, hidden=512, layers=12, heads=8),   # ~54M parameters
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["small", "large"], choices=list(MODELS))
+    p.add_argument("--docs", type=int, default=64, help="documents per pass measurement")
+    p.add_argument("--min-len", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per micro-batch")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    p.add_argument("--dim", type=int, default=32, help="projection dim of the index pass")
+    p.add_argument("--job-docs", type=int, default=256, help="N for the job scaling runs (N, 2N, 4N)")
+    p.add_argument("--sections", nargs="+", default=["passes", "scoring", "job"])
+    p.add_argument("--out", default=None, help="JSON output path")
+    return p.parse_args(argv)
+
+
+def random_docs(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(lo, hi)
+        out.append(Example(f"d{i}", tuple(rng.randrange(3, vocab) for _ in range(length)),
+                           tuple(t > 0 for t in range(length))))
+    return out
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def training_step_pass(model, examples, max_tokens: int) -> None:
+    """Forward + backward with weight gradients (what a training step costs, no optimizer)."""
+    model.requires_grad_(True)
+    try:
+        for group in batches(sorted(examples, key=len), max_tokens):
+            b = collate(group)
+            logits = model(input_ids=b.input_ids, attention_mask=b.token_mask.long()).logits[:, :-1]
+            logp = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
+            (-(logp * b.loss_mask[:, 1:]).sum()).backward()
+            model.zero_grad(set_to_none=True)
+    finally:
+        model.requires_grad_(False)
+
+
+def bench_passes(name: str, args) -> dict:
+    spec = MODELS[name]
+    model = freeze(tiny_model("gpt_neox", spec["vocab"], spec["hidden"], spec["layers"], spec["heads"],
+                              positions=max(512, args.max_len)))
+    n_params = sum(p.numel() for p in model.parameters())
+    specs = find_tracked_modules(model)
+    docs = random_docs(args.docs, spec["vocab"], args.min_len, args.max_len)
+    tokens = sum(len(d) for d in docs)
+    cov = attribution.covariance_pass(model, docs[:8], specs, Fisher.TRUE)
+    from ray_influence import ekfac
+
+    bases = {n: ekfac.eigenbasis(c) for n, c in cov.items()}
+    projs = {n: make_projection(s, args.dim, 0) for n, s in specs.items()}
+    runs = {
+        "training_step": lambda: training_step_pass(model, docs, args.max_tokens),
+        "covariance": lambda: attribution.covariance_pass(model, docs, specs, Fisher.TRUE, 1, 0, args.max_tokens),
+        "lambda": lambda: attribution.lambda_pass(model, docs, specs, bases, Fisher.TRUE, 1, 0, args.max_tokens),
+        "index": lambda: attribution.document_gradients(model, docs, specs, projs, args.max_tokens),
+        "query_exact": lambda: attribution.document_gradients(model, docs[:16], specs, None, args.max_tokens),
+    }
+    out = {"model": name, "params": n_params, "docs": len(docs), "tokens": tokens, "threads": args.threads}
+    for key, fn in runs.items():
+        t = median_time(fn, args.repeats)
+        n_tok = tokens if key != "query_exact" else sum(len(d) for d in docs[:16])
+        out[f"{key}_tokens_per_s"] = n_tok / t
+    ref = out["training_step_tokens_per_s"]
+    out["index_vs_training"] = out["index_tokens_per_s"] / ref
+    # covariance + Λ per token, in training steps (lower is better)
+    out["cov_plus_lambda_vs_training"] = ref / out["covariance_tokens_per_s"] + ref / out["lambda_tokens_per_s"]
+    return out
+
+
+def bench_scoring(args) -> dict:
+    """Reading index pieces + scoring + top-k of one worker vs a bare matmul of the same shapes."""
+    from ray_influence.data import InputFile, Partition
+    from ray_influence.rundir import RunDir
+    from ray_influence.scoring import top_k
+    from ray_influence.store import read_index_piece, write_index_piece
+    from ray_influence.data import Document
+
+    n_docs, n_parts, q, d, k = 4096, 8, 64, 32 * 32 * 48, 100  # 48 modules of 32 x 32
+    run = RunDir(tempfile.mkdtemp(prefix="bench-score-"))
+    f = InputFile("file:///bench.parquet", "bench.parquet", "parquet", "0")
+    per = n_docs // n_parts
+    parts = [Partition(f"p-{i:05d}", f, i * per, (i + 1) * per, i * per) for i in range(n_parts)]
+    gen = torch.Generator().manual_seed(0)
+    for p in parts:
+        docs = [Document(j, "", j, j) for j in range(p.start, p.stop)]
+        write_index_piece(run, "pretrained", 0, p, docs, torch.randn(per, d, generator=gen), torch.float32, {})
+    u = torch.randn(q, d, generator=gen)
+
+    def full():
+        best = None
+        for p in parts:
+            g, _, rows = read_index_piece(run, "pretrained", 0, p)
+            s = u.to(torch.float64) @ g.to(torch.float64).T
+            part_top = top_k(s, k, rows)
+            if best is None:
+                best = part_top
+            else:
+                best = top_k(torch.cat([best[0], part_top[0]], 1), k, torch.cat([best[1], part_top[1]], 1))
+
+    pieces = [read_index_piece(run, "pretrained", 0, p)[0] for p in parts]
+    u64 = u.to(torch.float64)
+
+    def bare():
+        for g in pieces:
+            u64 @ g.to(torch.float64).T
+
+    t_full, t_bare = median_time(full, args.repeats), median_time(bare, args.repeats)
+    return {"docs": n_docs, "queries": q, "width": d, "top_k": k,
+            "scored_pairs_per_s": n_docs * q / t_full, "bare_matmul_pairs_per_s": n_docs * q / t_bare,
+            "ratio": t_bare / t_full}
+
+
+def bench_job(args) -> dict:
+    """The whole job on local Ray: stage times and worker memory at N, 2N, 4N docs; replicas."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from ray_influence.config import config_from_dict
+    from ray_influence.driver import run_job
+    from ray_influence.toy import perturbed_copy, word_tokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="bench-job-"))
+    words = [f"w{i}" for i in range(2000)]
+    tok = word_tokenizer([" ".join(words)])
+    spec = MODELS["small"]
+    pt = tiny_model("gpt_neox", len(tok), spec["hidden"], spec["layers"], spec["heads"], positions=512)
+    for name, m in (("pt", pt), ("ft", perturbed_copy(pt))):
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    rng = random.Random(0)
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(args.min_len, args.max_len)))
+
+    (root / "ft.jsonl").write_text("".join(json.dumps({"prompt": text()[:200], "completion": " w1 w2"}) + "\n"
+                                          for _ in range(32)))
+    (root / "q.jsonl").write_text("".join(json.dumps({"query_id": f"q{i}", "prompt": "w5 w6", "completion": " w7 w8"})
+                                         + "\n" for i in range(16)))
+
+    def one(n_docs: int, replicas: int, cpus: int) -> dict:
+        corpus = root / f"corpus-{n_docs}.parquet"
+        if not corpus.exists():
+            pq.write_table(pa.table({"doc_id": list(range(n_docs)), "text": [text() for _ in range(n_docs)]}), corpus)
+        cfg = {"run_dir": str(root / f"run-{n_docs}-{replicas}-{cpus}"), "pretrained_model": str(root / "pt"),
+               "finetuned_model": str(root / "ft"), "corpus": {"path": str(corpus), "max_length": args.max_len,
+                                                               "partition_docs": 64},
+               "finetune_data": {"path": str(root / "ft.jsonl")}, "queries": {"path": str(root / "q.jsonl")},
+               "ekfac": {"covariance_max_docs": 128}, "projection": {"dim": args.dim},
+               "scoring": {"methods": ["multi_stage"], "top_k": 10},
+               "cluster": {"replicas": replicas, "num_cpus_per_worker": cpus // replicas,
+                           "max_tokens_per_batch": args.max_tokens}}
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            t0 = time.perf_counter()
+            summary = run_job(config_from_dict(cfg), progress=False)
+            wall = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+        idx = summary["index"]
+        return {"docs": n_docs, "replicas": replicas, "cpus": cpus, "wall_s": wall,
+                "stage_s": summary["timings"], "index_tokens": idx["tokens"],
+                "index_tokens_per_s": idx["tokens"] / summary["timings"]["index"],
+                "worker_max_rss_mb": [w["max_rss_mb"] for w in summary.get("workers", [])]}
+
+    n = args.job_docs
+    scaling = [one(n * m, 2, 2) for m in (1, 2, 4)]
+    replicas = [one(2 * n, 1, 1), scaling[1]]
+    return {"scaling": scaling, "replicas": replicas,
+            "index_time_2n_over_n": scaling[1]["stage_s"]["index"] / scaling[0]["stage_s"]["index"],
+            "index_time_4n_over_2n": scaling[2]["stage_s"]["index"] / scaling[1]["stage_s"]["index"],
+            "two_replicas_speedup": replicas[1]["index_tokens_per_s"] / replicas[0]["index_tokens_per_s"]}
+
+
+def table(results: dict) -> str:
+    lines = []
+    for p in results.get("passes", []):
+        lines += [f"\n**{p['model']}** ({p['params'] / 1e6:.1f}M parameters, {p['docs']} docs, {p['tokens']} tokens, "
+                  f"{p['threads']} threads)\n", "| pass | tokens/s | vs training step |", "|---|---:|---:|"]
+        ref = p["training_step_tokens_per_s"]
+        for key in ("training_step", "covariance", "lambda", "index", "query_exact"):
+            v = p[f"{key}_tokens_per_s"]
+            lines.append(f"| {key} | {v:,.0f} | {v / ref:.2f}x |")
+        lines.append(f"\ncovariance + Λ per token: {p['cov_plus_lambda_vs_training']:.2f} training steps")
+    if "scoring" in results:
+        s = results["scoring"]
+        lines.append(f"\nscoring ({s['docs']} docs x {s['queries']} queries, width {s['width']}, top-{s['top_k']}): "
+                     f"{s['scored_pairs_per_s']:,.0f} pairs/s with I/O and top-k vs {s['bare_matmul_pairs_per_s']:,.0f} "
+                     f"bare matmul ({s['ratio']:.2f}x)")
+    if "job" in results:
+        j = results["job"]
+        lines += ["\n| docs | replicas | cpus | wall s | fit s | index s | query s | score s | index tok/s | worker peak RSS MB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in j["scaling"] + [j["replicas"][0]]:
+            st = r["stage_s"]
+            lines.append(f"| {r['docs']} | {r['replicas']} | {r['cpus']} | {r['wall_s']:.1f} | {st['fit']:.1f} | "
+                         f"{st['index']:.1f} | {st['query']:.1f} | {st['score']:.1f} | {r['index_tokens_per_s']:,.0f} | "
+                         f"{', '.join(f'{m:.0f}' for m in r['worker_max_rss_mb'])} |")
+        lines.append(f"\nindex time 2N/N: {j['index_time_2n_over_n']:.2f}, 4N/2N: {j['index_time_4n_over_2n']:.2f}; "
+                     f"2 replicas on 2 cores vs 1 on 1: {j['two_replicas_speedup']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    torch.set_num_threads(args.threads)
+    results: dict = {"args": vars(args), "torch": torch.__version__, "cpu_count": os.cpu_count()}
+    if "passes" in args.sections:
+        results["passes"] = [bench_passes(m, args) for m in args.models]
+    if "scoring" in args.sections:
+        results["scoring"] = bench_scoring(args)
+    if "job" in args.sections:
+        results["job"] = bench_job(args)
+    print(table(results))
+    print(json.dumps(results, indent=1, default=str))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,239 @@
+"""Per-token and per-module influence of the top documents (DESIGN.md §2, split up).
+
+A document's score is a sum over tracked modules ``m`` and positions ``t``:
+
+    exact      I(z, q) = Σ_m <u_m, DW_m> = Σ_m Σ_t g_{m,t}ᵀ u_m a_{m,t}
+    projected  Î(z, q) = Σ_m <û_m, Ĝ_m>  = Σ_m Σ_t (P_out g_{m,t})ᵀ û_m (P_in a_{m,t})
+
+so position ``t`` (the document's token ``x_t``) gets the term ``Σ_m g_tᵀ u_m a_t`` and
+module ``m`` the term ``Σ_t g_tᵀ u_m a_t``; each set sums to the document's score. ``u``
+(or ``û``) is the query vector the query stage stored (``queries/vectors.shard-0``), so
+the terms add up to the score in the results, up to the index's storage dtype. For
+``grad_cos`` every term is divided by ``|û| |Ĝ|`` (the document's norm from its index
+piece), like the score.
+
+Index conventions of the einsums: ``b`` the document (one per pass), ``t`` position, ``o``
+output rows, ``i`` input columns, ``r`` the (method, query) pairs explained on the document.
+Layout: ``a: [1, T, d_in']`` (projected ``[1, T, k]``), ``g: [1, T, d_out]`` (``[1, T, k]``),
+``u: [R, d_out, d_in']`` (``[R, k, k]``).
+
+The terms are computed where the models already are: :func:`worker_token_terms` runs
+inside a :class:`ray_influence.worker.Worker` actor (:meth:`~ray_influence.worker.Worker.token_terms`) and uses its
+loaded models, tokenizer and file cache.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from .data import Partition
+from .modules import ModuleSpec
+from .passes import Labels, run_pass
+from .projection import Projection, project_activations, project_gradients
+from .scoring import Method
+from .store import read_index_piece, read_query_vectors
+from .tokens import Example, collate
+
+TERM_DTYPE = torch.float64
+
+
+class TokenTermCollector:
+    """Per-module, per-position terms ``g_tᵀ u_r a_t`` of one document, for R query vectors.
+
+    Args:
+        vectors: ``{name: [R, r_out, r_in]}`` query vectors (projected ``û`` or exact ``u``).
+        projections: per-module projections when ``vectors`` are projected; None when exact.
+    """
+
+    samples = 1
+
+    def __init__(self, vectors: Mapping[str, torch.Tensor], projections: Mapping[str, Projection] | None):
+        self._u = vectors
+        self._proj = projections
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def keep_input(self, name: str, a: torch.Tensor) -> torch.Tensor:
+        a = a.to(TERM_DTYPE)
+        return project_activations(a, self._proj[name]) if self._proj is not None else a  # [1, T, r_in]
+
+    def on_grad(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        g = g.to(TERM_DTYPE)
+        if self._proj is not None:
+            g = project_gradients(g, self._proj[name])  # [1, T, r_out]
+        u = self._u[name].to(device=g.device, dtype=TERM_DTYPE)  # [R, r_out, r_in]
+        self.terms[name] = torch.einsum("bto,roi,bti->rt", g, u, a).cpu()  # [R, T]
+
+
+def split_flat(flat: torch.Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Flat query vectors ``[R, Σ_m r_m c_m]`` -> ``{name: [R, r_m, c_m]}`` (modules in ``shapes`` order)."""
+    width = sum(r * c for r, c in shapes.values())
+    if width != flat.shape[1]:
+        raise ValueError(f"query vectors have {flat.shape[1]} columns; the tracked modules need {width}")
+    out, start = {}, 0
+    for name, (rows, cols) in shapes.items():
+        out[name] = flat[:, start : start + rows * cols].reshape(-1, rows, cols)
+        start += rows * cols
+    return out
+
+
+def token_terms(
+    model: nn.Module,
+    example: Example,
+    specs: dict[str, ModuleSpec],
+    vectors: Mapping[str, torch.Tensor],
+    projections: Mapping[str, Projection] | None = None,
+) -> torch.Tensor | None:
+    """``[M, R, T]`` terms of one document: modules (``specs`` order), query vectors, positions.
+
+    Summed over ``M`` and ``T`` they give ``<u_r, DW>`` (or ``<û_r, Ĝ>``). Returns None when
+    the document's forward is not finite (no backward runs).
+    """
+    col = TokenTermCollector(vectors, projections)
+    loss = run_pass(model, collate([example]), specs, col, Labels.DATA)
+    if not bool(torch.isfinite(loss).all()):
+        return None
+    return torch.stack([col.terms[n] for n in specs])
+
+
+@dataclass(frozen=True)
+class DocRequest:
+    """One top document to explain, and the (method, query index) pairs it is explained for.
+
+    Attributes:
+        part: the document's corpus partition.
+        row: its row within the partition's file.
+        position: its global position in this run (how the top-k names it).
+        pairs: ``(method, query index in the stored query vectors)``.
+    """
+
+    part: Partition
+    row: int
+    position: int
+    pairs: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class DocTerms:
+    """What :func:`worker_token_terms` returns for one :class:`DocRequest`.
+
+    Attributes:
+        doc_id: the document's id.
+        position: its global position in this run.
+        tokens: its tokens as strings (``tokenizer.decode`` of each id).
+        pairs: the request's pairs.
+        per_token: ``[R, T]`` float64, summed over modules.
+        per_module: ``[R, M]`` float64, summed over positions (modules in ``modules`` order).
+        modules: tracked module names.
+        blocks: the decoder block of each module.
+    """
+
+    doc_id: object
+    position: int
+    tokens: tuple[str, ...]
+    pairs: tuple[tuple[str, int], ...]
+    per_token: torch.Tensor
+    per_module: torch.Tensor
+    modules: tuple[str, ...]
+    blocks: tuple[int, ...]
+
+
+def worker_token_terms(worker, stage: str, requests: Sequence[DocRequest]) -> list[DocTerms]:
+    """Runs inside a Worker actor: the terms of each requested document at ``stage``'s model.
+
+    Args:
+        worker: the :class:`ray_influence.worker.Worker` (its models, tokenizer, file cache).
+        stage: ``pretrained`` or ``finetuned`` (the methods' document model).
+        requests: the documents, each with the (method, query) pairs to explain.
+    """
+    cfg = worker.cfg
+    qv = read_query_vectors(worker.run, worker.shard)["vectors"]
+    specs = worker.specs(stage)
+    dim = cfg.projection.dim
+    shapes = {n: (dim, dim) if dim else s.shape for n, s in specs.items()}
+    projs = worker.projections(stage)
+    tok = worker.tokenizer("pretrained")
+    model = worker.model(stage)
+    sqnorms: dict[str, dict[int, float]] = {}
+    out = []
+    for req in requests:
+        docs, _ = worker.corpus_documents(req.part)
+        doc = next(d for d in docs if d.row == req.row)
+        example = worker.corpus_examples([doc])[0]
+        flat = torch.stack([qv[m][q].to(TERM_DTYPE) for m, q in req.pairs])  # [R, D]
+        terms = token_terms(model, example, specs, split_flat(flat, shapes), projs)
+        if terms is None:
+            continue
+        scale = torch.ones(len(req.pairs), dtype=TERM_DTYPE)
+        for r, (m, q) in enumerate(req.pairs):
+            if Method.parse(m).cosine:
+                if req.part.key not in sqnorms:
+                    _, sq, rows = read_index_piece(worker.run, stage, worker.shard, req.part)
+                    sqnorms[req.part.key] = dict(zip(rows.tolist(), sq.tolist()))
+                norm = qv[m][q].to(TERM_DTYPE).square().sum().sqrt() * sqnorms[req.part.key][req.row] ** 0.5
+                scale[r] = 1 / norm.clamp_min(torch.finfo(TERM_DTYPE).tiny)
+        terms = terms * scale[None, :, None]  # [M, R, T]
+        out.append(DocTerms(
+            doc_id=doc.doc_id,
+            position=req.position,
+            tokens=tuple(tok.decode([i], clean_up_tokenization_spaces=False) for i in example.input_ids),
+            pairs=req.pairs,
+            per_token=terms.sum(0),
+            per_module=terms.sum(2).T.contiguous(),
+            modules=tuple(specs),
+            blocks=tuple(s.block for s in specs.values()),
+        ))
+    return out
+
+
+def influence_tables(terms: Sequence[DocTerms], query_ids: Sequence[Any],
+                     ranks: Mapping[tuple[str, int, int], int]) -> dict[str, dict[str, pa.Table]]:
+    """``{method: {"token_influence": table, "layer_influence": table}}``, rows by query, rank, token.
+
+    ``token_influence``: query_id, doc_id, token_index, token, score (one row per token).
+    ``layer_influence``: query_id, doc_id, module, block, score (one row per tracked module).
+
+    Args:
+        terms: what the workers returned.
+        query_ids: the stored query ids (``DocRequest.pairs`` index them).
+        ranks: ``(method, query index, position) -> rank`` in the results.
+    """
+    by_method: dict[str, list] = defaultdict(list)
+    for d in terms:
+        for r, (m, q) in enumerate(d.pairs):
+            by_method[m].append((q, ranks[(m, q, d.position)], d, r))
+    out = {}
+    for m, items in by_method.items():
+        items.sort(key=lambda x: (x[0], x[1]))
+        tok: dict[str, list] = defaultdict(list)
+        lay: dict[str, list] = defaultdict(list)
+        for q, _, d, r in items:
+            n = len(d.tokens)
+            tok["query_id"] += [query_ids[q]] * n
+            tok["doc_id"] += [d.doc_id] * n
+            tok["token_index"] += range(n)
+            tok["token"] += d.tokens
+            tok["score"] += d.per_token[r].tolist()
+            lay["query_id"] += [query_ids[q]] * len(d.modules)
+            lay["doc_id"] += [d.doc_id] * len(d.modules)
+            lay["module"] += d.modules
+            lay["block"] += d.blocks
+            lay["score"] += d.per_module[r].tolist()
+        out[m] = {
+            "token_influence": pa.table({
+                "query_id": tok["query_id"], "doc_id": tok["doc_id"],
+                "token_index": pa.array(tok["token_index"], pa.int32()),
+                "token": pa.array(tok["token"], pa.string()), "score": pa.array(tok["score"], pa.float64()),
+            }),
+            "layer_influence": pa.table({
+                "query_id": lay["query_id"], "doc_id": lay["doc_id"],
+                "module": pa.array(lay["module"], pa.string()), "block": pa.array(lay["block"], pa.int32()),
+                "score": pa.array(lay["score"], pa.float64()),
+            }),
+        }
+    return out
