@@ -126,35 +126,3 @@ def perturbed_copy(model: PreTrainedModel, scale: float = 0.05, seed: int = 1) -
             p.add_(scale * p.detach().abs().mean() * noise)
     return out
 
-
-def train(model: PreTrainedModel, examples, steps: int, lr: float = 3e-3, batch_size: int = 16, seed: int = 0) -> PreTrainedModel:
-    """Trains ``model`` in place with AdamW on the examples' loss targets (mean per token).
-
-    Args:
-        examples: :class:`ray_influence.tokens.Example` s; only their loss targets count.
-        steps: optimizer steps; batches cycle through a seeded shuffle of the examples.
-
-    Returns:
-        The same model, in eval mode, parameters frozen again.
-    """
-    from .tokens import collate
-
-    model.train()
-    model.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        batch = collate([examples[i] for i in order[:batch_size]])
-        del order[:batch_size]
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.token_mask.long()).logits[:, :-1]
-        targets = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask[:, 1:], -100)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.requires_grad_(False)
-    return model

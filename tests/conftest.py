@@ -53,3 +53,29 @@ def ray_local():
              log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, timeout_s: float, what: str) -> None:
+    """Polls ``url`` until it answers; fails if ``proc`` exits or ``timeout_s`` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not come up (exit {proc.poll()})")
+            time.sleep(0.2)

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pyarrow.dataset as ds
 import pytest
 
+from conftest import free_port, wait_for_http
 from test_token_influence import shared_run
 from ray_influence.cli import main
 from ray_influence.config import config_from_dict
@@ -30,30 +28,16 @@ pytest.importorskip("moto")
 BUCKET = "influence"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 (a subprocess), and the AWS variables pointing at it."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start (exit {proc.poll()})")
-                time.sleep(0.2)
+        wait_for_http(f"{endpoint}/moto-api/", proc, 60, "the moto server")
         with pytest.MonkeyPatch.context() as mp:
             for key, value in {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
