@@ -300,8 +300,14 @@ class Worker:
             self._queries_cache = (token, read_query_vectors(self.run, self.shard))
         return self._queries_cache[1]
 
-    def partial_scores(self, part: Partition, methods: Sequence[str]) -> dict[str, torch.Tensor]:
-        """This shard's ``[Q, N]`` partial scores of one partition per method (summed over shards later)."""
+    def partial_scores(self, part: Partition, methods: Sequence[str]) -> tuple[dict, torch.Tensor]:
+        """This shard's partial scores of one partition (summed over shards later).
+
+        Each index piece is read once, however many methods score against it.
+
+        Returns:
+            ``({method: (scores [Q, N], sqnorm [N])}, rows within the file [N])``.
+        """
         qv = self._query_vectors()
         pieces = {}
         out = {}
@@ -312,7 +318,8 @@ class Worker:
                 pieces[stage] = read_index_piece(self.run, stage, self.shard, part)
             grads, sqnorm, _ = pieces[stage]
             out[method.value] = (qv["vectors"][method.value].to(torch.float64) @ grads.to(torch.float64).T, sqnorm)
-        return out
+        rows = next(iter(pieces.values()))[2]  # every stage's piece holds the same rows
+        return out, rows
 
     def score(self, part: Partition, methods: Sequence[str], k: int) -> dict:
         """Top-k of one partition per method: ``{method: (values [Q, k'], global positions [Q, k'])}``.
@@ -320,9 +327,8 @@ class Worker:
         With one shard the partial scores are the scores; cosine scores divide by the
         query's and document's full norms.
         """
-        partial = self.partial_scores(part, methods)
+        partial, rows = self.partial_scores(part, methods)
         qv = self._query_vectors()
-        _, _, rows = read_index_piece(self.run, Method.parse(methods[0]).doc_model, self.shard, part)
         positions = rows + (part.offset - part.start)  # this run's global positions
         out = {}
         for m, (s, sqnorm) in partial.items():
