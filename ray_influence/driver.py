@@ -14,7 +14,6 @@ score stages are cheap and always recomputed, so a new queries file reuses every
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import random
 import sys
 import time

@@ -10,7 +10,6 @@ in) a new process for each.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import torch

@@ -26,7 +26,6 @@ from .projection import make_projection, project_matrix
 from .rundir import RunDir
 from .scoring import Method, flatten, query_vectors, top_k
 from .store import (
-    STAGES,
     factors_rel,
     queries_rel,
     read_index_piece,

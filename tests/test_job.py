@@ -18,7 +18,6 @@ import torch
 from world import build_world, corpus_rows, write_config, write_corpus_file
 from ray_influence import attribution
 from ray_influence.config import config_from_dict
-from ray_influence.data import list_files, plan_partitions
 from ray_influence.driver import run_job
 from ray_influence.ekfac import ihvp
 from ray_influence.factors_io import factors_from_bytes
@@ -26,7 +25,7 @@ from ray_influence.models import load_model, load_tokenizer
 from ray_influence.modules import find_tracked_modules
 from ray_influence.rundir import RunDir
 from ray_influence.scoring import Method, top_k
-from ray_influence.store import factors_rel, index_rel
+from ray_influence.store import factors_rel
 from ray_influence.tokens import tokenize_document, tokenize_prompt_completion
 
 SCORE_RTOL = 1e-8  # float64 end to end: distributed sums vs one process

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ray_influence.modules import decoder_blocks, find_tracked_modules
 from ray_influence.toy import tiny_model
