@@ -7,7 +7,7 @@ they are the single-process reference the distributed job is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -83,6 +83,31 @@ def _labels(fisher: Fisher) -> Labels:
     return Labels.SAMPLED if Fisher.parse(fisher) is Fisher.TRUE else Labels.DATA
 
 
+@dataclass
+class PassPlan:
+    """What one pass feeds its batches into: a collector, the labels, a per-batch callback."""
+
+    collector: Any
+    labels: Labels = Labels.DATA
+    on_batch: Callable | None = None
+
+
+def covariance_plan(specs: dict[str, ModuleSpec], fisher: Fisher = Fisher.TRUE, samples: int = 1) -> PassPlan:
+    labels = _labels(fisher)
+    col = CovarianceCollector(specs, samples if labels is Labels.SAMPLED else 1)
+    return PassPlan(col, labels, lambda b: col.add_tokens(b.n_tokens))
+
+
+def lambda_plan(bases: Mapping[str, ekfac.Eigenbasis], fisher: Fisher = Fisher.TRUE, samples: int = 1) -> PassPlan:
+    labels = _labels(fisher)
+    col = LambdaCollector(dict(bases), samples if labels is Labels.SAMPLED else 1)
+    return PassPlan(col, labels, lambda b: col.add_docs(len(b.keys)))
+
+
+def gradient_plan(specs: dict[str, ModuleSpec], projections: Mapping[str, Projection] | None = None) -> PassPlan:
+    return PassPlan(GradientCollector(specs) if projections is None else ProjectedCollector(dict(projections)))
+
+
 def covariance_pass(
     model: nn.Module,
     examples: Sequence[Example],
@@ -93,10 +118,9 @@ def covariance_pass(
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> dict[str, ekfac.CovarianceStats]:
     """Partial sums of A and G over ``examples`` (one worker's share)."""
-    labels = _labels(fisher)
-    col = CovarianceCollector(specs, samples if labels is Labels.SAMPLED else 1)
-    run_batches(model, examples, specs, col, labels, seed, max_tokens, lambda b: col.add_tokens(b.n_tokens))
-    return col.result()
+    plan = covariance_plan(specs, fisher, samples)
+    run_batches(model, examples, specs, plan.collector, plan.labels, seed, max_tokens, plan.on_batch)
+    return plan.collector.result()
 
 
 def lambda_pass(
@@ -110,10 +134,9 @@ def lambda_pass(
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> dict[str, ekfac.LambdaStats]:
     """Partial sums of Λ over ``examples`` in the given eigenbases."""
-    labels = _labels(fisher)
-    col = LambdaCollector(dict(bases), samples if labels is Labels.SAMPLED else 1)
-    run_batches(model, examples, specs, col, labels, seed, max_tokens, lambda b: col.add_docs(len(b.keys)))
-    return col.result()
+    plan = lambda_plan(bases, fisher, samples)
+    run_batches(model, examples, specs, plan.collector, plan.labels, seed, max_tokens, plan.on_batch)
+    return plan.collector.result()
 
 
 def fit_factors(
@@ -162,13 +185,17 @@ def document_gradients(
     """Per-document gradients with the data's labels: exact, or projected when given."""
     if not examples:
         raise ValueError("no examples to take gradients of")
-    col = GradientCollector(specs) if projections is None else ProjectedCollector(dict(projections))
+    col = gradient_plan(specs, projections).collector
     kept, losses, skipped = run_batches(model, examples, specs, col, Labels.DATA, 0, max_tokens)
-    # Back to the input order (batches ran sorted by length).
-    rank = {e.key: i for i, e in enumerate(examples)}
-    order = sorted(range(len(kept)), key=lambda j: rank[kept[j]])
+    order = input_order(examples, kept)
     grads = {n: g[order] for n, g in col.result().items()}
     return DocGradients(tuple(kept[j] for j in order), grads, losses[order], tuple(skipped))
+
+
+def input_order(examples: Sequence[Example], kept: Sequence[str]) -> list[int]:
+    """The permutation taking collector order (batches ran sorted by length) back to input order."""
+    rank = {e.key: i for i, e in enumerate(examples)}
+    return sorted(range(len(kept)), key=lambda j: rank[kept[j]])
 
 
 def influence_scores(

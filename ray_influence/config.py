@@ -108,6 +108,8 @@ class ClusterConfig:
     num_gpus_per_worker: float = _f(0, "Ray GPUs per worker actor (the device follows Ray's assignment)")
     max_tokens_per_batch: int = _f(4096, "padded tokens per micro-batch")
     max_restarts: int = _f(3, "times a dead worker actor is restarted (partitions are retried)")
+    placement_timeout_s: float = _f(600, "seconds to wait for the cluster to place one replica's shards "
+                                          "(a placement group) before failing")
     num_cpus_per_reducer: float = _f(0, "Ray CPUs reserved by the reducer actor that merges partial sums (0: it runs beside the workers)")
 
 
@@ -205,6 +207,7 @@ def _validate(cfg: Config) -> None:
         ("cluster.replicas", cfg.cluster.replicas),
         ("cluster.shards", cfg.cluster.shards),
         ("cluster.max_tokens_per_batch", cfg.cluster.max_tokens_per_batch),
+        ("cluster.placement_timeout_s", cfg.cluster.placement_timeout_s),
     ]:
         _positive(key, value)
     _positive("projection.dim", cfg.projection.dim, allow_zero=True)

@@ -41,6 +41,7 @@ from .store import (
     write_results,
     write_skipped_summary,
 )
+from .shard_model import model_blocks, shard_layout
 from .worker import partition_provenance, remote_worker
 
 STAGE_ORDER = ("fit", "index", "query", "score")
@@ -97,13 +98,16 @@ class Job:
         self.cfg = cfg
         self.progress = progress
         self.run = RunDir(cfg.run_dir)
-        self.workers: list = []
+        self.workers: list = []  # one per replica: its worker, or its shard 0 (the head)
+        self.shard_actors: list[list] = []  # per replica, its shards' actors
+        self.placement_groups: list = []
         self.reducer = None
         self.timings: dict[str, float] = {}
         self.summary: dict[str, Any] = {}
         self.damaged: list[str] = []
         self.duplicates: dict[str, dict[int, str]] = {}
         self.topk: dict = {}  # {method: (values [Q, k], positions [Q, k])} of the last score stage
+        self.partition_times: list[tuple[int, float]] = []  # (tokens, worker seconds) per indexed partition
 
     # --------------------------------------------------------------- plumbing
 
@@ -112,18 +116,59 @@ class Job:
             print(msg, file=sys.stderr, flush=True)
 
     def start_workers(self) -> None:
-        if not self.workers:
-            self.workers = [remote_worker(self.cfg) for _ in range(self.cfg.cluster.replicas)]
-            self.reducer = remote_reducer(self.cfg)
+        """One worker per replica; with shards, one actor per shard in a placement group each."""
+        if self.workers:
+            return
+        c = self.cfg.cluster
+        if c.shards == 1:
+            self.workers = [remote_worker(self.cfg) for _ in range(c.replicas)]
+            self.shard_actors = [[w] for w in self.workers]
+        else:
+            layout = shard_layout(model_blocks(self.cfg.pretrained_model, self.cfg.model.trust_remote_code), c.shards)
+            for _ in range(c.replicas):
+                pg = self._placement_group()
+                actors = [remote_worker(self.cfg, s, layout[s], (pg, s) if pg is not None else None)
+                          for s in range(c.shards)]
+                actors[0].set_peers.remote(actors[1:])
+                self.shard_actors.append(actors)
+            self.workers = [a[0] for a in self.shard_actors]
+            self.log(f"shards: {c.replicas} replica(s) x {c.shards} shards, blocks "
+                     + ", ".join(f"[{r.start}, {r.stop})" for r, _, _ in layout))
+        self.reducer = remote_reducer(self.cfg)
+
+    def _placement_group(self):
+        """A placement group holding one replica's shards (PACK: on one node when they fit)."""
+        from ray.util.placement_group import placement_group
+
+        c = self.cfg.cluster
+        bundle = {k: v for k, v in (("CPU", c.num_cpus_per_worker), ("GPU", c.num_gpus_per_worker)) if v > 0}
+        if not bundle:
+            return None
+        pg = placement_group([bundle] * c.shards, strategy="PACK")
+        ready, _ = ray.wait([pg.ready()], timeout=c.placement_timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(pg)
+            raise RuntimeError(
+                f"the cluster could not place a replica's {c.shards} shards of {bundle} each within "
+                f"{c.placement_timeout_s:.0f}s (cluster resources: {ray.cluster_resources()}); lower "
+                "cluster.replicas, cluster.shards or the per-worker resources")
+        self.placement_groups.append(pg)
+        return pg
+
+    def all_actors(self) -> list:
+        return [a for actors in self.shard_actors for a in actors]
 
     def stop_workers(self) -> None:
         try:  # peak memory and parameter bytes per worker, for the summary
-            self.summary["workers"] = ray.get([w.stats.remote() for w in self.workers], timeout=30)
+            stats = ray.get([w.stats.remote() for w in self.all_actors()], timeout=30)
+            self.summary["workers"] = [{k: v for k, v in st.items() if k != "parameters"} for st in stats]
         except Exception:  # noqa: BLE001 - a dead worker must not hide the job's own outcome
             pass
-        for w in self.workers + ([self.reducer] if self.reducer is not None else []):
+        for w in self.all_actors() + ([self.reducer] if self.reducer is not None else []):
             ray.kill(w)
-        self.workers, self.reducer = [], None
+        for pg in self.placement_groups:
+            ray.util.remove_placement_group(pg)
+        self.workers, self.shard_actors, self.placement_groups, self.reducer = [], [], [], None
 
     def partitions(self) -> list[Partition]:
         c = self.cfg.corpus
@@ -163,29 +208,42 @@ class Job:
         return shares
 
     def _fit_stage(self, stage: str, parts: Sequence[Partition]) -> None:
-        shard = 0
-        rel = factors_rel(stage, shard)
-        if self._piece_ok(rel):
-            self.log(f"fit[{stage}]: factors already in {self.cfg.run_dir}/{rel}, skipped")
+        n_shards = self.cfg.cluster.shards
+        rels = [factors_rel(stage, s) for s in range(n_shards)]
+        if all(self._piece_ok(rel) for rel in rels):
+            self.log(f"fit[{stage}]: factors already in {self.cfg.run_dir}/{rels[0].rsplit('.shard-', 1)[0]}*, skipped")
             return
         t0 = time.perf_counter()
         shares = self._shares(stage, parts)
-        names = ray.get(self.workers[0].module_names.remote(stage))
-        n = len(names)
-        merge = self.reducer.merge.options(num_returns=n)
-        cov_parts = [w.covariance.remote(stage, s) for w, s in zip(self.workers, shares)]
-        cov = merge.remote(names, *cov_parts)
-        cov = cov if n > 1 else [cov]
+        names = ray.get([a.module_names.remote(stage) for a in self.shard_actors[0]])  # per shard
+        actors = self.all_actors()
+
+        def per_shard(refs: list) -> list[list]:
+            """[replica][shard] refs of the workers' partial sums."""
+            return [[r] for r in refs] if n_shards == 1 else ray.get(refs)
+
+        def merged(parts_: list[list], s: int) -> list:
+            out = self.reducer.merge.options(num_returns=len(names[s])).remote(names[s], *[p[s] for p in parts_])
+            return out if len(names[s]) > 1 else [out]
+
+        cov_parts = per_shard([w.covariance.remote(stage, sh) for w, sh in zip(self.workers, shares)])
+        cov = [merged(cov_parts, s) for s in range(n_shards)]
         # One eigendecomposition per module, spread over the (already warm) worker actors.
-        bases = [self.workers[i % len(self.workers)].eigendecompose.remote(c) for i, c in enumerate(cov)]
-        lam_parts = [w.lambdas.remote(stage, s, names, *bases) for w, s in zip(self.workers, shares)]
-        lam = merge.remote(names, *lam_parts)
-        lam = lam if n > 1 else [lam]
+        flat_cov = [c for cs in cov for c in cs]
+        flat_bases = [actors[i % len(actors)].eigendecompose.remote(c) for i, c in enumerate(flat_cov)]
+        bases, i = [], 0
+        for s in range(n_shards):
+            bases.append(flat_bases[i:i + len(names[s])])
+            i += len(names[s])
+        by_shard = [dict(zip(names[s], bases[s])) for s in range(n_shards)]  # nested refs: resolved by the workers
+        lam_parts = per_shard([w.lambdas.remote(stage, sh, by_shard) for w, sh in zip(self.workers, shares)])
+        lam = [merged(lam_parts, s) for s in range(n_shards)]
         e = self.cfg.ekfac
         meta = {"fisher": str(e.fisher), "fisher_samples": e.fisher_samples, "damping_spec": e.damping_for(stage),
                 "model": self.cfg.pretrained_model if stage == "pretrained" else self.cfg.finetuned_model}
-        result = ray.get(self.reducer.save.remote(
-            self.cfg.run_dir, stage, shard, names, e.damping_for(stage), meta, *bases, *cov, *lam))
+        results = ray.get([self.reducer.save.remote(self.cfg.run_dir, stage, s, names[s], e.damping_for(stage), meta,
+                                                    *bases[s], *cov[s], *lam[s]) for s in range(n_shards)])
+        result = {**results[0], "modules": sum(r["modules"] for r in results)}
         self.summary[f"fit_{stage}"] = {k: v for k, v in result.items() if k != "damping"}
         self.log(f"fit[{stage}]: {result['modules']} modules, {result['docs']} docs, {result['tokens']} tokens, "
                  f"{time.perf_counter() - t0:.1f}s")
@@ -213,7 +271,8 @@ class Job:
 
     def _partition_done(self, part: Partition, stages: Sequence[str]) -> bool:
         prov = partition_provenance(part, self.duplicates.get(part.key))
-        ok = [self._piece_ok(index_rel(s, 0, part.key), prov) for s in stages]
+        ok = [self._piece_ok(index_rel(s, shard, part.key), prov) for s in stages
+              for shard in range(self.cfg.cluster.shards)]
         ok += [self._piece_ok(docs_rel(part.key)), self._piece_ok(skipped_rel(part.key))]
         return all(ok)
 
@@ -226,6 +285,7 @@ class Job:
         t0 = time.perf_counter()
 
         def on_done(part: Partition, result: dict) -> None:
+            self.partition_times.append((result["tokens"], result["seconds"]))
             for k in ("docs", "tokens", "skipped", "truncated"):
                 totals[k] += result[k]
             totals["partitions"] += 1

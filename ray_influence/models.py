@@ -75,3 +75,21 @@ def load_model(
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer saved beside the model."""
     return AutoTokenizer.from_pretrained(local_model_dir(path), trust_remote_code=trust_remote_code)
+
+
+def load_model_shard(
+    path: str,
+    blocks: range,
+    first: bool,
+    last: bool,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """One shard of a model (:func:`ray_influence.shard_model.load_shard`): only its own weights.
+
+    Shards read safetensors checkpoints only (``model.allow_pickle`` does not apply).
+    """
+    from .shard_model import load_shard
+
+    return load_shard(local_model_dir(path), blocks, first, last, parse_dtype(dtype), device, trust_remote_code)

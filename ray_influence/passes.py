@@ -108,19 +108,37 @@ def run_pass(
         inputs_embeds = embed(batch.input_ids).detach().requires_grad_(True)
         with capture(model, specs, batch.token_mask, collector.on_grad, collector.keep_input):
             logits = model(inputs_embeds=inputs_embeds, attention_mask=batch.token_mask.long()).logits
-            # Half-precision logits are upcast for the softmax; float64 stays float64.
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]
-            weights = batch.loss_mask[:, 1:].to(logp.dtype)  # [B, T-1]
-            data_loss = -(logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) * weights).sum(-1)
-            finite = torch.isfinite(data_loss) & (torch.isfinite(logits).all(-1) | ~batch.token_mask).all(-1)
-            if not bool(finite.all()):
-                return torch.where(finite, data_loss, torch.nan).detach().to(torch.float64).cpu()
-            if labels is Labels.DATA:
-                targets = [batch.input_ids[:, 1:]]
-            else:
-                targets = list(_sample_targets(logits[:, :-1], batch, seed, pass_name, collector.samples))
-            for s, y in enumerate(targets):
-                loss = -(logp.gather(-1, y[..., None]).squeeze(-1) * weights).sum()
-                torch.autograd.grad(loss, inputs_embeds, retain_graph=s < len(targets) - 1)
-    return data_loss.detach().to(torch.float64).cpu()
+            data_loss, losses = loss_terms(logits, batch, labels, seed, pass_name, collector.samples)
+            for s, loss in enumerate(losses or ()):
+                torch.autograd.grad(loss, inputs_embeds, retain_graph=s < len(losses) - 1)
+    return data_loss
+
+
+def loss_terms(
+    logits: torch.Tensor, batch: Batch, labels: Labels, seed: int, pass_name: str, samples: int
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The losses of one batch's logits: the data loss per row, and one loss per label sample.
+
+    Args:
+        logits: ``[B, T, V]``, still attached to the graph.
+        batch: the batch (on the logits' device).
+
+    Returns:
+        ``(data losses [B] float64 on the CPU, [summed loss of each sample] or None)``. None
+        when a row's logits or loss are not finite; those rows' data losses are NaN then,
+        and no backward must run.
+    """
+    # Half-precision logits are upcast for the softmax; float64 stays float64.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]
+    weights = batch.loss_mask[:, 1:].to(logp.dtype)  # [B, T-1]
+    data_loss = -(logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) * weights).sum(-1)
+    finite = torch.isfinite(data_loss) & (torch.isfinite(logits).all(-1) | ~batch.token_mask).all(-1)
+    if not bool(finite.all()):
+        return torch.where(finite, data_loss, torch.nan).detach().to(torch.float64).cpu(), None
+    if labels is Labels.DATA:
+        targets = [batch.input_ids[:, 1:]]
+    else:
+        targets = list(_sample_targets(logits[:, :-1], batch, seed, pass_name, samples))
+    losses = [-(logp.gather(-1, y[..., None]).squeeze(-1) * weights).sum() for y in targets]
+    return data_loss.detach().to(torch.float64).cpu(), losses

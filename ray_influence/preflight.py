@@ -58,7 +58,19 @@ def check_models(cfg: Config) -> None:
                          "attribution across stages needs one tokenizer")
     n_blocks = pt.get("num_hidden_layers", pt.get("n_layer"))
     if n_blocks is not None and cfg.cluster.shards > n_blocks:
-        raise ConfigError(f"'cluster.shards' is {cfg.cluster.shards} but the model has {n_blocks} blocks")
+        raise ConfigError(f"'cluster.shards' is {cfg.cluster.shards} but the model has {n_blocks} decoder "
+                          f"blocks; use at most {n_blocks} shards")
+    if cfg.cluster.shards > 1:
+        from .shard_model import ADAPTERS
+
+        if pt.get("model_type") not in ADAPTERS:
+            raise ConfigError(f"'cluster.shards' is {cfg.cluster.shards}, but model shards support the "
+                              f"architectures {sorted(ADAPTERS)} and this model is {pt.get('model_type')!r}; "
+                              "use cluster.shards: 1")
+        for path, what in ((cfg.pretrained_model, "pretrained_model"), (cfg.finetuned_model, "finetuned_model")):
+            fs, root = fsspec.core.url_to_fs(path)
+            if not any(n.endswith(".safetensors") for n in fs.ls(root, detail=False)):
+                raise InputError(f"{what} {path!r}: model shards read safetensors weights only")
 
 
 def check_queries(cfg: Config) -> None:

@@ -69,6 +69,10 @@ class TokenTermCollector:
         u = self._u[name].to(device=g.device, dtype=TERM_DTYPE)  # [R, r_out, r_in]
         self.terms[name] = torch.einsum("bto,roi,bti->rt", g, u, a).cpu()  # [R, T]
 
+    def result(self) -> torch.Tensor:
+        """``[M, R, T]`` terms, modules in ``vectors`` order."""
+        return torch.stack([self.terms[n] for n in self._u])
+
 
 def split_flat(flat: torch.Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     """Flat query vectors ``[R, Σ_m r_m c_m]`` -> ``{name: [R, r_m, c_m]}`` (modules in ``shapes`` order)."""
@@ -147,37 +151,33 @@ def worker_token_terms(worker, stage: str, requests: Sequence[DocRequest]) -> li
     """Runs inside a Worker actor: the terms of each requested document at ``stage``'s model.
 
     Args:
-        worker: the :class:`ray_influence.worker.Worker` (its models, tokenizer, file cache).
+        worker: the :class:`ray_influence.worker.Worker` (its models, tokenizer, file cache);
+            for a sharded replica its head, which gathers every shard's modules.
         stage: ``pretrained`` or ``finetuned`` (the methods' document model).
         requests: the documents, each with the (method, query) pairs to explain.
     """
-    cfg = worker.cfg
-    qv = read_query_vectors(worker.run, worker.shard)["vectors"]
-    specs = worker.specs(stage)
-    dim = cfg.projection.dim
-    shapes = {n: (dim, dim) if dim else s.shape for n, s in specs.items()}
-    projs = worker.projections(stage)
     tok = worker.tokenizer("pretrained")
-    model = worker.model(stage)
-    sqnorms: dict[str, dict[int, float]] = {}
+    modules, blocks = worker.module_table(stage)
+    query_sq = None
+    doc_sq: dict[str, dict[int, float]] = {}
     out = []
     for req in requests:
         docs, _ = worker.corpus_documents(req.part)
         doc = next(d for d in docs if d.row == req.row)
         example = worker.corpus_examples([doc])[0]
-        flat = torch.stack([qv[m][q].to(TERM_DTYPE) for m, q in req.pairs])  # [R, D]
-        terms = token_terms(model, example, specs, split_flat(flat, shapes), projs)
+        terms = worker.example_terms(stage, example, req.pairs)  # [M, R, T]
         if terms is None:
             continue
         scale = torch.ones(len(req.pairs), dtype=TERM_DTYPE)
         for r, (m, q) in enumerate(req.pairs):
             if Method.parse(m).cosine:
-                if req.part.key not in sqnorms:
-                    _, sq, rows = read_index_piece(worker.run, stage, worker.shard, req.part)
-                    sqnorms[req.part.key] = dict(zip(rows.tolist(), sq.tolist()))
-                norm = qv[m][q].to(TERM_DTYPE).square().sum().sqrt() * sqnorms[req.part.key][req.row] ** 0.5
-                scale[r] = 1 / norm.clamp_min(torch.finfo(TERM_DTYPE).tiny)
-        terms = terms * scale[None, :, None]  # [M, R, T]
+                if query_sq is None:
+                    query_sq = worker.query_sqnorms()
+                if req.part.key not in doc_sq:
+                    doc_sq[req.part.key] = worker.doc_sqnorms(stage, req.part)
+                norm = (query_sq[m][q] * doc_sq[req.part.key][req.row]) ** 0.5
+                scale[r] = 1 / max(norm, torch.finfo(TERM_DTYPE).tiny)
+        terms = terms * scale[None, :, None]
         out.append(DocTerms(
             doc_id=doc.doc_id,
             position=req.position,
@@ -185,8 +185,8 @@ def worker_token_terms(worker, stage: str, requests: Sequence[DocRequest]) -> li
             pairs=req.pairs,
             per_token=terms.sum(0),
             per_module=terms.sum(2).T.contiguous(),
-            modules=tuple(specs),
-            blocks=tuple(s.block for s in specs.values()),
+            modules=modules,
+            blocks=blocks,
         ))
     return out
 

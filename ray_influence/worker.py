@@ -9,19 +9,23 @@ directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+import uuid
 from typing import Any, Sequence
 
 import torch
 
 from . import attribution, ekfac
+from .attribution import FISHER_LABEL_STREAM, PassPlan
 from .config import Config
 from .data import Document, Partition, read_partition, read_records
 from .ekfac import Fisher
 from .factors_io import factors_from_bytes
-from .models import load_model, load_tokenizer, parse_dtype
+from .models import load_model, load_model_shard, load_tokenizer, parse_dtype
 from .modules import ModuleSpec, find_tracked_modules
+from .pipeline import ShardSession, Step, pipelined_batches
 from .projection import make_projection, project_matrix
 from .rundir import RunDir
 from .scoring import Method, flatten, query_vectors, top_k
@@ -59,48 +63,81 @@ def pick_device(num_gpus: float) -> torch.device:
 
 
 class Worker:
-    """Holds the models of one replica / shard and runs passes over its share of the data.
+    """Holds the models of one replica, or of one shard of a replica, and runs its passes.
+
+    With ``cluster.shards: S > 1`` a replica is ``S`` workers, each owning a contiguous
+    range of decoder blocks (:mod:`ray_influence.shard_model`). Shard 0 is the replica's
+    head: the driver sends it the same tasks as an unsharded worker, and it drives the
+    other shards (its *peers*, :meth:`set_peers`) through :mod:`ray_influence.pipeline`.
+    Each shard keeps its own modules' factors, index columns and query vectors.
 
     Args:
         cfg: the job config.
         shard: this worker's shard number (0 when ``cluster.shards`` is 1).
-        blocks: the decoder blocks this worker owns; all when None.
+        layout: ``(blocks, first, last)`` of this shard; None for a whole model.
     """
 
-    def __init__(self, cfg: Config, shard: int = 0, blocks: range | None = None):
+    def __init__(self, cfg: Config, shard: int = 0, layout: tuple[range, bool, bool] | None = None):
         self.cfg = cfg
         self.shard = shard
-        self.blocks = blocks
+        self.layout = layout
+        self.blocks = layout[0] if layout is not None else None
+        self.peers: list = []
         self.device = pick_device(cfg.cluster.num_gpus_per_worker)
         self.run = RunDir(cfg.run_dir)
-        self._models: dict[str, torch.nn.Module] = {}
+        self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
         self._specs: dict[str, dict[str, ModuleSpec]] = {}
         self._file_cache: dict = {}
         self._ft_records: list[dict] | None = None
         self._queries_cache: tuple[str, dict] | None = None
+        self._sessions: dict[str, tuple[ShardSession, PassPlan]] = {}
+        self._held: dict[str, torch.Tensor] = {}
         if cfg.cluster.num_cpus_per_worker >= 1 and self.device.type == "cpu":
             torch.set_num_threads(int(cfg.cluster.num_cpus_per_worker))
+
+    def set_peers(self, peers: Sequence) -> None:
+        """Shard 0 of a sharded replica: the actor handles of shards 1..S-1, in order."""
+        self.peers = list(peers)
+
+    def ping(self) -> int:
+        return self.shard
 
     def stats(self) -> dict:
         """This worker's process id, peak resident memory and the parameter bytes it holds."""
         import resource
 
-        params = sum(p.numel() * p.element_size() for m in self._models.values() for p in m.parameters())
+        params = sum(p.numel() * p.element_size() for m in self._models.values()
+                     for p in self._module(m).parameters() if not p.is_meta)
+        owned = sorted({n for m in self._models.values() for n, p in self._module(m).named_parameters(
+            remove_duplicate=False) if not p.is_meta})
         return {"pid": os.getpid(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "param_bytes": params, "device": str(self.device)}
+                "param_bytes": params, "device": str(self.device), "shard": self.shard,
+                "blocks": [self.blocks.start, self.blocks.stop] if self.blocks is not None else None,
+                "parameters": owned}
 
     # ------------------------------------------------------------------ models
 
     def _model_path(self, stage: str) -> str:
         return self.cfg.pretrained_model if stage == "pretrained" else self.cfg.finetuned_model
 
-    def model(self, stage: str) -> torch.nn.Module:
+    @staticmethod
+    def _module(model) -> torch.nn.Module:
+        return getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
+
+    def model(self, stage: str):
+        """The stage's frozen model: a whole causal LM, or this shard's :class:`ShardModel`."""
         if stage not in self._models:
             m = self.cfg.model
-            self._models[stage] = load_model(
-                self._model_path(stage), m.dtype, self.device, m.trust_remote_code, m.allow_pickle
-            )
+            if self.layout is None:
+                self._models[stage] = load_model(
+                    self._model_path(stage), m.dtype, self.device, m.trust_remote_code, m.allow_pickle
+                )
+            else:
+                blocks, first, last = self.layout
+                self._models[stage] = load_model_shard(
+                    self._model_path(stage), blocks, first, last, m.dtype, self.device, m.trust_remote_code
+                )
         return self._models[stage]
 
     def tokenizer(self, stage: str):
@@ -111,7 +148,8 @@ class Worker:
     def specs(self, stage: str) -> dict[str, ModuleSpec]:
         if stage not in self._specs:
             mods = self.cfg.modules
-            self._specs[stage] = find_tracked_modules(self.model(stage), mods.include, mods.exclude, self.blocks)
+            self._specs[stage] = find_tracked_modules(self._module(self.model(stage)), mods.include, mods.exclude,
+                                                      self.blocks)
         return self._specs[stage]
 
     def module_names(self, stage: str = "pretrained") -> list[str]:
@@ -162,41 +200,151 @@ class Worker:
             out += self.corpus_examples([d for d in docs if d.position in wanted])
         return out
 
-    # ------------------------------------------------------------------ fit
+    # ----------------------------------------------------------------- passes
 
     def _fisher(self) -> Fisher:
         return Fisher.parse(self.cfg.ekfac.fisher)
 
-    def covariance(self, stage: str, share: Sequence) -> dict[str, ekfac.CovarianceStats]:
-        """Partial A and G sums over this worker's share of the factor sample."""
+    def _plan(self, stage: str, kind: str, *args) -> PassPlan:
+        """This worker's collector for one pass over its own tracked modules.
+
+        ``kind``: ``covariance``; ``lambda`` (args: names, *bases); ``gradients`` (args:
+        projected); ``terms`` (args: the (method, query) pairs whose stored vectors to use).
+        """
+        e, specs = self.cfg.ekfac, self.specs(stage)
+        if kind == "covariance":
+            return attribution.covariance_plan(specs, self._fisher(), e.fisher_samples)
+        if kind == "lambda":
+            names, bases = args[0], args[1:]
+            return attribution.lambda_plan(dict(zip(names, bases)), self._fisher(), e.fisher_samples)
+        if kind == "gradients":
+            return attribution.gradient_plan(specs, self.projections(stage) if args[0] else None)
+        if kind == "terms":
+            from .token_influence import TERM_DTYPE, TokenTermCollector, split_flat
+
+            qv, dim = self._query_vectors()["vectors"], self.cfg.projection.dim
+            flat = torch.stack([qv[m][q].to(TERM_DTYPE) for m, q in args[0]])  # [R, D]
+            shapes = {n: (dim, dim) if dim else s.shape for n, s in specs.items()}
+            return PassPlan(TokenTermCollector(split_flat(flat, shapes), self.projections(stage)))
+        raise ValueError(f"unknown pass kind {kind!r}")
+
+    def _run(self, stage: str, examples: Sequence[Example], plan: PassPlan,
+             peer_args: Sequence[tuple] = ()) -> tuple[str, list[str], torch.Tensor, list[str]]:
+        """Runs one pass of ``examples`` into ``plan`` (and, sharded, into each peer's plan).
+
+        Args:
+            peer_args: per peer, ``(kind, *args)`` of its :meth:`open_session`.
+
+        Returns:
+            ``(session id, kept keys in collector order, their losses, skipped keys)``; the
+            peers keep their session open under that id.
+        """
+        e, max_tokens = self.cfg.ekfac, self.cfg.cluster.max_tokens_per_batch
+        sid = uuid.uuid4().hex
+        if not self.peers:
+            kept, losses, skipped = attribution.run_batches(
+                self.model(stage), examples, self.specs(stage), plan.collector, plan.labels, e.seed, max_tokens,
+                plan.on_batch)
+            return sid, kept, losses, skipped
+        import ray
+
+        ray.get([p.open_session.remote(sid, stage, *a) for p, a in zip(self.peers, peer_args)])
+        head = ShardSession(self.model(stage), self.specs(stage), plan.collector, plan.labels, e.seed,
+                            FISHER_LABEL_STREAM, plan.on_batch)
+        try:
+            kept, losses, skipped = pipelined_batches(head, self.peers, sid, examples, max_tokens)
+        except BaseException:
+            for p in self.peers:
+                p.close_session.remote(sid)
+            raise
+        return sid, kept, losses, skipped
+
+    def _peer_results(self, method: str, sid: str, *args) -> list:
+        """``peer.<method>(sid, *args)`` on every peer, as Ray object refs."""
+        return [getattr(p, method).remote(sid, *args) for p in self.peers]
+
+    # ------------------------------------------- peer side of a sharded replica
+
+    def open_session(self, sid: str, stage: str, kind: str, *args) -> None:
+        """Peer shard: opens pass ``sid`` with this shard's own collector (see :meth:`_plan`)."""
+        plan = self._plan(stage, kind, *args)
         e = self.cfg.ekfac
+        session = ShardSession(self.model(stage), self.specs(stage), plan.collector, plan.labels, e.seed,
+                               FISHER_LABEL_STREAM, plan.on_batch)
+        self._sessions[sid] = (session, plan)
+
+    def shard_forward(self, sid: str, bid: int, batch, hidden: torch.Tensor):
+        return self._sessions[sid][0].forward(bid, batch, hidden)
+
+    def shard_backward(self, sid: str, bid: int, step: Step) -> Step:
+        return self._sessions[sid][0].backward(bid, step)
+
+    def close_session(self, sid: str) -> None:
+        self._sessions.pop(sid, None)
+        self._held.pop(sid, None)
+
+    def session_result(self, sid: str):
+        """Peer shard: the collector's result of pass ``sid`` (the session is closed)."""
+        _, plan = self._sessions.pop(sid)
+        return plan.collector.result()
+
+    # ------------------------------------------------------------------ fit
+
+    def covariance(self, stage: str, share: Sequence):
+        """Partial A and G sums over this worker's share of the factor sample.
+
+        Returns:
+            ``{name: CovarianceStats}``; sharded, one Ray object ref of such a dict per shard.
+        """
         examples = self._share_examples(stage, share)
-        if not examples:
-            return {n: None for n in self.specs(stage)}
-        return attribution.covariance_pass(
-            self.model(stage), examples, self.specs(stage), self._fisher(), e.fisher_samples, e.seed,
-            self.cfg.cluster.max_tokens_per_batch,
-        )
+        if not self.peers:
+            if not examples:
+                return {n: None for n in self.specs(stage)}
+            return self._run_collect(stage, examples, self._plan(stage, "covariance"))
+        sid, *_ = self._run(stage, examples, plan := self._plan(stage, "covariance"),
+                            [("covariance",)] * len(self.peers))
+        return self._shard_refs(plan.collector.result(), sid)
+
+    def _run_collect(self, stage: str, examples: Sequence[Example], plan: PassPlan):
+        self._run(stage, examples, plan)
+        return plan.collector.result()
+
+    def _shard_refs(self, own, sid: str) -> list:
+        import ray
+
+        return [ray.put(own)] + self._peer_results("session_result", sid)
 
     def eigendecompose(self, stats: ekfac.CovarianceStats) -> ekfac.Eigenbasis:
         """float64 eigendecomposition of one module's merged A and G (a reducer task)."""
         return ekfac.eigenbasis(stats)
 
-    def lambdas(self, stage: str, share: Sequence, names: Sequence[str], *bases: ekfac.Eigenbasis) -> dict:
-        """Partial Λ sums over this worker's share, in the reduced eigenbases."""
-        e = self.cfg.ekfac
+    def lambdas(self, stage: str, share: Sequence, bases: Sequence[dict]):
+        """Partial Λ sums over this worker's share, in the reduced eigenbases.
+
+        Args:
+            bases: per shard, ``{name: Eigenbasis or its Ray object ref}`` of its modules.
+
+        Returns:
+            ``{name: LambdaStats}``; sharded, one Ray object ref of such a dict per shard.
+        """
+        own = _resolve(bases[0])
         examples = self._share_examples(stage, share)
-        if not examples:
-            return {n: None for n in names}
-        return attribution.lambda_pass(
-            self.model(stage), examples, self.specs(stage), dict(zip(names, bases)), self._fisher(),
-            e.fisher_samples, e.seed, self.cfg.cluster.max_tokens_per_batch,
-        )
+        if not self.peers:
+            if not examples:
+                return {n: None for n in own}
+            return self._run_collect(stage, examples, self._plan(stage, "lambda", list(own), *own.values()))
+        plan = self._plan(stage, "lambda", list(own), *own.values())
+        peer_args = [("lambda", list(b), *b.values()) for b in bases[1:]]
+        sid, *_ = self._run(stage, examples, plan, peer_args)
+        return self._shard_refs(plan.collector.result(), sid)
 
     # ---------------------------------------------------------------- index
 
     def index(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None = None) -> dict:
         """Projected gradients of one partition at each of ``stages``' models, written to the run dir.
+
+        Sharded, every shard writes its own modules' columns; a document is kept only when
+        its gradient is finite on every shard.
 
         Args:
             drop: rows within the file to skip (duplicate ids), with their reason.
@@ -207,47 +355,91 @@ class Worker:
         if CRASH_ONCE_ENV in os.environ and not os.path.exists(os.environ[CRASH_ONCE_ENV]):
             open(os.environ[CRASH_ONCE_ENV], "w").close()  # test-only: die once, mid-index
             os._exit(1)
+        import ray
+
         docs, skipped = self.corpus_documents(part, drop)
         examples = self.corpus_examples(docs)
         keep = torch.ones(len(docs), dtype=torch.bool)
-        flats = {}
+        flats, sids = {}, {}
         for stage in stages:
-            specs = self.specs(stage)
-            flat = torch.zeros(len(docs), index_width(specs, self.cfg.projection.dim))
+            flat = torch.zeros(len(docs), index_width(self.specs(stage), self.cfg.projection.dim))
             if examples:
-                grads = attribution.document_gradients(
-                    self.model(stage), examples, specs, self.projections(stage), self.cfg.cluster.max_tokens_per_batch
-                )
-                got = set(grads.keys)  # rows with a non-finite forward are missing
-                rows = [i for i, e in enumerate(examples) if e.key in got]
-                computed = flatten(grads.grads, list(specs))
-                flat = flat.to(computed.dtype)
-                flat[rows] = computed
-                finite = torch.zeros(len(docs), dtype=torch.bool)
-                finite[rows] = torch.isfinite(flat[rows]).all(dim=1)
-                keep &= finite
+                plan = self._plan(stage, "gradients", True)
+                sid, kept, _, _ = self._run(stage, examples, plan, [("gradients", True)] * len(self.peers))
+                rows = _rows_of(examples, kept)
+                flat = self._index_flat(stage, plan.collector.result(), rows, len(docs), examples, kept)
+                keep &= _finite_rows(flat, rows)
+                if self.peers:
+                    for mask in ray.get(self._peer_results("index_rows", sid, rows, len(docs),
+                                                           attribution.input_order(examples, kept))):
+                        keep &= mask
+                sids[stage] = sid
             flats[stage] = flat
         skipped += [(docs[j].doc_id, "non_finite_gradient") for j in (~keep).nonzero(as_tuple=True)[0].tolist()]
-        kept = keep.nonzero(as_tuple=True)[0].tolist()
-        kept_docs = [docs[i] for i in kept]
+        kept_rows = keep.nonzero(as_tuple=True)[0].tolist()
+        kept_docs = [docs[i] for i in kept_rows]
+        prov = partition_provenance(part, drop)
+        stubs = [dataclasses.replace(d, text="") for d in kept_docs]
+        writes = []
         for stage in stages:
+            if stage in sids:
+                writes += self._peer_results("write_index", sids[stage], stage, part, stubs, keep, prov)
+            elif self.peers:  # an empty partition: every shard writes its empty piece
+                writes += [p.write_empty_index.remote(stage, part, prov) for p in self.peers]
             write_index_piece(self.run, stage, self.shard, part, kept_docs, flats[stage][keep],
-                              parse_dtype(self.cfg.projection.dtype), partition_provenance(part, drop))
-        write_docs_piece(self.run, part, kept_docs, [examples[i] for i in kept], self.cfg.scoring.doc_text_chars)
+                              parse_dtype(self.cfg.projection.dtype), prov)
+        if writes:
+            ray.get(writes)
+        write_docs_piece(self.run, part, kept_docs, [examples[i] for i in kept_rows], self.cfg.scoring.doc_text_chars)
         write_skipped_piece(self.run, part, skipped)
         return {
             "partition": part.key,
             "docs": len(kept_docs),
             "skipped": len(skipped),
-            "tokens": sum(len(examples[i]) for i in kept),
-            "truncated": sum(examples[i].truncated for i in kept),
+            "tokens": sum(len(examples[i]) for i in kept_rows),
+            "truncated": sum(examples[i].truncated for i in kept_rows),
             "seconds": time.perf_counter() - t0,
         }
+
+    def _index_flat(self, stage: str, grads: dict, rows: list[int], n_docs: int, examples, kept) -> torch.Tensor:
+        """``[n_docs, width]`` flat index rows; rows not computed (non-finite forward) stay 0."""
+        specs = self.specs(stage)
+        order = attribution.input_order(examples, kept)
+        computed = flatten({n: g[order] for n, g in grads.items()}, list(specs))
+        flat = torch.zeros(n_docs, index_width(specs, self.cfg.projection.dim), dtype=computed.dtype)
+        flat[rows] = computed
+        return flat
+
+    def index_rows(self, sid: str, rows: list[int], n_docs: int, order: list[int]) -> torch.Tensor:
+        """Peer shard: builds its flat index rows of pass ``sid``; returns which are finite ``[n_docs]``."""
+        stage_specs = self._sessions[sid][0].specs
+        _, plan = self._sessions.pop(sid)
+        grads = plan.collector.result()
+        computed = flatten({n: g[order] for n, g in grads.items()}, list(stage_specs))
+        flat = torch.zeros(n_docs, computed.shape[1], dtype=computed.dtype)
+        flat[rows] = computed
+        self._held[sid] = flat
+        return _finite_rows(flat, rows)
+
+    def write_index(self, sid: str, stage: str, part: Partition, docs: Sequence[Document], keep: torch.Tensor,
+                    provenance: dict) -> dict:
+        """Peer shard: writes its index piece of pass ``sid`` (rows ``keep``)."""
+        flat = self._held.pop(sid)
+        return write_index_piece(self.run, stage, self.shard, part, docs, flat[keep],
+                                 parse_dtype(self.cfg.projection.dtype), provenance)
+
+    def write_empty_index(self, stage: str, part: Partition, provenance: dict) -> dict:
+        flat = torch.zeros(0, index_width(self.specs(stage), self.cfg.projection.dim))
+        return write_index_piece(self.run, stage, self.shard, part, [], flat, parse_dtype(self.cfg.projection.dtype),
+                                 provenance)
 
     # --------------------------------------------------------------- queries
 
     def queries(self, methods: Sequence[str]) -> dict:
-        """Query gradients at θ_ft, preconditioned per method, projected; written to the run dir."""
+        """Query gradients at θ_ft, preconditioned per method, projected; written to the run dir.
+
+        Sharded, each shard preconditions and writes its own modules' query vectors.
+        """
         q = self.cfg.queries
         recs = read_records(q.path, [q.id_column, q.prompt_column, q.completion_column])
         if not recs:
@@ -261,10 +453,23 @@ class Worker:
                                        r[q.completion_column] or "", q.max_length, add_eos=False)
             for r in recs
         ]
-        specs = self.specs("finetuned")
-        names = list(specs)
-        grads = attribution.document_gradients(self.model("finetuned"), examples, specs, None,
-                                               self.cfg.cluster.max_tokens_per_batch).grads
+        plan = self._plan("finetuned", "gradients", False)
+        sid, kept, _, skipped = self._run("finetuned", examples, plan, [("gradients", False)] * len(self.peers))
+        if skipped:
+            raise ValueError(f"queries {list(skipped)[:5]} have a non-finite loss at the fine-tuned model")
+        order = attribution.input_order(examples, kept)
+        refs = self._peer_results("write_queries", sid, order, ids, recs, list(methods))
+        vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
+        write_query_vectors(self.run, self.shard, ids, recs, q, vectors)
+        if refs:
+            import ray
+
+            ray.get(refs)
+        return {"queries": len(ids), "methods": list(vectors)}
+
+    def _query_vectors_of(self, grads: dict, methods: Sequence[str]) -> dict:
+        """``{method: [Q, width]}`` of this worker's modules, from exact query gradients."""
+        names = list(self.specs("finetuned"))
         factors = {}
         for stage in ("finetuned", "pretrained"):
             rel = factors_rel(stage, self.shard)
@@ -281,8 +486,13 @@ class Worker:
             if projs is not None:
                 u = {n: project_matrix(u[n], projs[n]) for n in names}
             vectors[method.value] = flatten(u, names)
-        write_query_vectors(self.run, self.shard, ids, recs, q, vectors)
-        return {"queries": len(ids), "methods": list(vectors)}
+        return vectors
+
+    def write_queries(self, sid: str, order: list[int], ids: list, recs: list[dict], methods: list[str]) -> dict:
+        """Peer shard: preconditions and writes its query vectors of pass ``sid``."""
+        _, plan = self._sessions.pop(sid)
+        vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
+        return write_query_vectors(self.run, self.shard, ids, recs, self.cfg.queries, vectors)
 
     # ----------------------------------------------------------------- score
 
@@ -291,6 +501,65 @@ class Worker:
         from .token_influence import worker_token_terms
 
         return worker_token_terms(self, stage, requests)
+
+    def example_terms(self, stage: str, example: Example, pairs: Sequence) -> torch.Tensor | None:
+        """``[M, R, T]`` per-module, per-position terms of one document for the (method, query) pairs.
+
+        None when its forward is not finite. Sharded, the modules of every shard, in order.
+        """
+        plan = self._plan(stage, "terms", pairs)
+        sid, _, _, skipped = self._run(stage, [example], plan, [("terms", pairs)] * len(self.peers))
+        if skipped:
+            for p in self.peers:
+                p.close_session.remote(sid)
+            return None
+        parts = [plan.collector.result()]
+        if self.peers:
+            import ray
+
+            parts += ray.get(self._peer_results("session_result", sid))
+        return torch.cat(parts)
+
+    def module_table(self, stage: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Names and decoder blocks of the replica's tracked modules (every shard's, in order)."""
+        specs = list(self.specs(stage).values())
+        if self.peers:
+            import ray
+
+            for other in ray.get([p.shard_specs.remote(stage) for p in self.peers]):
+                specs += other
+        return tuple(s.name for s in specs), tuple(s.block for s in specs)
+
+    def shard_specs(self, stage: str) -> list[ModuleSpec]:
+        return list(self.specs(stage).values())
+
+    def shard_doc_sqnorms(self, stage: str, part: Partition) -> tuple[torch.Tensor, torch.Tensor]:
+        """This shard's part of each document's squared index norm, and the rows."""
+        _, sq, rows = read_index_piece(self.run, stage, self.shard, part)
+        return sq, rows
+
+    def doc_sqnorms(self, stage: str, part: Partition) -> dict[int, float]:
+        """``{row: squared norm}`` of a partition's index rows, summed over shards."""
+        sq, rows = self.shard_doc_sqnorms(stage, part)
+        if self.peers:
+            import ray
+
+            for other, _ in ray.get([p.shard_doc_sqnorms.remote(stage, part) for p in self.peers]):
+                sq = sq + other
+        return dict(zip(rows.tolist(), sq.tolist()))
+
+    def shard_query_sqnorms(self) -> dict[str, torch.Tensor]:
+        return {m: v.to(torch.float64).square().sum(1) for m, v in self._query_vectors()["vectors"].items()}
+
+    def query_sqnorms(self) -> dict[str, list[float]]:
+        """``{method: [Q]}`` squared norms of the stored query vectors, summed over shards."""
+        sq = self.shard_query_sqnorms()
+        if self.peers:
+            import ray
+
+            for other in ray.get([p.shard_query_sqnorms.remote() for p in self.peers]):
+                sq = {m: sq[m] + other[m] for m in sq}
+        return {m: v.tolist() for m, v in sq.items()}
 
     def _query_vectors(self) -> dict:
         marker = self.run.piece_done(queries_rel(self.shard))
@@ -305,7 +574,7 @@ class Worker:
         Each index piece is read once, however many methods score against it.
 
         Returns:
-            ``({method: (scores [Q, N], sqnorm [N])}, rows within the file [N])``.
+            ``({method: (scores [Q, N], doc sqnorm [N], query sqnorm [Q])}, rows within the file [N])``.
         """
         qv = self._query_vectors()
         pieces = {}
@@ -316,26 +585,57 @@ class Worker:
             if stage not in pieces:
                 pieces[stage] = read_index_piece(self.run, stage, self.shard, part)
             grads, sqnorm, _ = pieces[stage]
-            out[method.value] = (qv["vectors"][method.value].to(torch.float64) @ grads.to(torch.float64).T, sqnorm)
+            u = qv["vectors"][method.value].to(torch.float64)
+            out[method.value] = (u @ grads.to(torch.float64).T, sqnorm, u.square().sum(1))
         rows = next(iter(pieces.values()))[2]  # every stage's piece holds the same rows
         return out, rows
 
     def score(self, part: Partition, methods: Sequence[str], k: int) -> dict:
         """Top-k of one partition per method: ``{method: (values [Q, k'], global positions [Q, k'])}``.
 
-        With one shard the partial scores are the scores; cosine scores divide by the
-        query's and document's full norms.
+        The partial scores (and squared norms) of the shards add up to the scores; cosine
+        scores divide by the query's and document's full norms.
         """
+        import ray
+
+        refs = [p.partial_scores.remote(part, methods) for p in self.peers]
         partial, rows = self.partial_scores(part, methods)
-        qv = self._query_vectors()
+        for other, other_rows in ray.get(refs) if refs else []:
+            if not torch.equal(other_rows, rows):
+                raise RuntimeError(f"partition {part.key}: the shards' index pieces hold different rows")
+            partial = {m: tuple(a + b for a, b in zip(partial[m], other[m])) for m in partial}
         positions = rows + (part.offset - part.start)  # this run's global positions
         out = {}
-        for m, (s, sqnorm) in partial.items():
+        for m, (s, sqnorm, qsq) in partial.items():
             if Method.parse(m).cosine:
-                qn = qv["vectors"][m].to(torch.float64).square().sum(1).sqrt()
-                s = s / (qn[:, None] * sqnorm.sqrt()[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+                s = s / (qsq.sqrt()[:, None] * sqnorm.sqrt()[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
             out[m] = top_k(s, k, positions)
         return out
+
+
+def _resolve(refs: dict) -> dict:
+    """``{name: value}`` from values or Ray object refs."""
+    import ray
+
+    keys = list(refs)
+    vals = list(refs.values())
+    idx = [i for i, v in enumerate(vals) if isinstance(v, ray.ObjectRef)]
+    if idx:
+        for i, v in zip(idx, ray.get([vals[i] for i in idx])):
+            vals[i] = v
+    return dict(zip(keys, vals))
+
+
+def _rows_of(examples: Sequence[Example], kept: Sequence[str]) -> list[int]:
+    """Input positions of the examples a pass kept, in input order."""
+    got = set(kept)
+    return [i for i, e in enumerate(examples) if e.key in got]
+
+
+def _finite_rows(flat: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    finite = torch.zeros(flat.shape[0], dtype=torch.bool)
+    finite[rows] = torch.isfinite(flat[rows]).all(dim=1)
+    return finite
 
 
 def index_width(specs: dict[str, ModuleSpec], dim: int) -> int:
@@ -343,15 +643,27 @@ def index_width(specs: dict[str, ModuleSpec], dim: int) -> int:
     return sum(dim * dim if dim else s.d_out * s.d_in_aug for s in specs.values())
 
 
-def remote_worker(cfg: Config, shard: int = 0, blocks: range | None = None):
-    """Starts a :class:`Worker` as a Ray actor with the config's resources."""
+def remote_worker(cfg: Config, shard: int = 0, layout: tuple[range, bool, bool] | None = None,
+                  placement: tuple[Any, int] | None = None):
+    """Starts a :class:`Worker` as a Ray actor with the config's resources.
+
+    Args:
+        layout: the shard's ``(blocks, first, last)``; None for a whole model.
+        placement: ``(placement group, bundle index)`` to schedule the actor in.
+    """
     import ray
 
     c = cfg.cluster
     env = {k: os.environ[k] for k in TEST_ENVS if k in os.environ}
+    options: dict[str, Any] = {}
+    if placement is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement[0], placement_group_bundle_index=placement[1])
     actor_cls = ray.remote(Worker).options(
         num_cpus=c.num_cpus_per_worker, num_gpus=c.num_gpus_per_worker,
         max_restarts=c.max_restarts, max_task_retries=c.max_restarts,
-        **({"runtime_env": {"env_vars": env}} if env else {}),
+        **({"runtime_env": {"env_vars": env}} if env else {}), **options,
     )
-    return actor_cls.remote(cfg, shard, blocks)
+    return actor_cls.remote(cfg, shard, layout)

@@ -29,7 +29,7 @@ def write_corpus_file(path: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def build_world(root: Path, arch: str = "gpt_neox", n_docs: int = 20, seed: int = 0) -> dict:
+def build_world(root: Path, arch: str = "gpt_neox", n_docs: int = 20, seed: int = 0, layers: int = 2) -> dict:
     """Saves pt/ft models (+ tokenizer), corpus/part-0.parquet, finetune.jsonl, queries.jsonl.
 
     Returns:
@@ -40,7 +40,7 @@ def build_world(root: Path, arch: str = "gpt_neox", n_docs: int = 20, seed: int 
     ft_rows = [{"prompt": sentence(rng, 3), "completion": " " + sentence(rng, 2)} for _ in range(8)]
     queries = [{"query_id": f"q{i}", "prompt": sentence(rng, 3), "completion": " " + sentence(rng, 2)} for i in range(3)]
     tok = word_tokenizer([" ".join(WORDS)])
-    pt = tiny_model(arch, len(tok), hidden=16, layers=2, heads=2, seed=seed)
+    pt = tiny_model(arch, len(tok), hidden=16, layers=layers, heads=2, seed=seed)
     ft = perturbed_copy(pt, scale=0.1, seed=seed + 1)
     for name, model in (("pt", pt), ("ft", ft)):
         model.save_pretrained(root / "models" / name)
