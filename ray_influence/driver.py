@@ -41,6 +41,7 @@ from .store import (
     write_results,
     write_skipped_summary,
 )
+from .pipeline import ShardLost
 from .shard_model import model_blocks, shard_layout
 from .worker import partition_provenance, remote_worker
 
@@ -56,15 +57,19 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
-def _drain(workers: Sequence, items: Sequence, submit, on_done, in_flight: int = IN_FLIGHT_PER_WORKER) -> None:
+def _drain(workers: Sequence, items: Sequence, submit, on_done, in_flight: int = IN_FLIGHT_PER_WORKER,
+           retries: int = 3) -> None:
     """Runs ``submit(worker, item)`` over ``items``, keeping each worker ``in_flight`` deep.
 
     A task whose actor died for good is resubmitted to another worker (its item is
-    retried), so one lost worker does not lose a partition.
+    retried), so one lost worker does not lose a partition. A task that lost a shard of
+    its replica (:class:`ShardLost`: Ray restarts the shard) is retried, ``retries`` times
+    per item at most.
     """
     queue = list(items)[::-1]
     running: dict = {}
     alive = list(workers)
+    lost: dict[int, int] = defaultdict(int)
 
     def feed(worker) -> None:
         if queue:
@@ -79,6 +84,13 @@ def _drain(workers: Sequence, items: Sequence, submit, on_done, in_flight: int =
         worker, item = running.pop(done[0])
         try:
             result = ray.get(done[0])
+        except ShardLost:
+            lost[id(item)] += 1
+            if lost[id(item)] > retries:
+                raise
+            queue.append(item)
+            feed(worker)
+            continue
         except ray.exceptions.RayActorError:
             if worker in alive:
                 alive.remove(worker)
@@ -127,10 +139,9 @@ class Job:
             layout = shard_layout(model_blocks(self.cfg.pretrained_model, self.cfg.model.trust_remote_code), c.shards)
             for _ in range(c.replicas):
                 pg = self._placement_group()
-                actors = [remote_worker(self.cfg, s, layout[s], (pg, s) if pg is not None else None)
-                          for s in range(c.shards)]
-                actors[0].set_peers.remote(actors[1:])
-                self.shard_actors.append(actors)
+                place = [(pg, s) if pg is not None else None for s in range(c.shards)]
+                peers = [remote_worker(self.cfg, s, layout[s], place[s]) for s in range(1, c.shards)]
+                self.shard_actors.append([remote_worker(self.cfg, 0, layout[0], place[0], peers)] + peers)
             self.workers = [a[0] for a in self.shard_actors]
             self.log(f"shards: {c.replicas} replica(s) x {c.shards} shards, blocks "
                      + ", ".join(f"[{r.start}, {r.stop})" for r, _, _ in layout))
@@ -179,10 +190,20 @@ class Job:
 
     # ------------------------------------------------------------------- fit
 
+    def _retrying(self, what: str, fn, *args):
+        """``fn(*args)``, rerun when it lost a shard (Ray restarts it), up to ``max_restarts`` times."""
+        for attempt in range(self.cfg.cluster.max_restarts + 1):
+            try:
+                return fn(*args)
+            except ShardLost as e:
+                if attempt == self.cfg.cluster.max_restarts:
+                    raise
+                self.log(f"{what}: a shard was lost ({e}); retrying")
+
     def fit(self, parts: Sequence[Partition]) -> None:
         for stage in STAGES:
             if stage == "finetuned" or any(m.needs_factors for m in self.cfg.methods):
-                self._fit_stage(stage, parts)
+                self._retrying(f"fit[{stage}]", self._fit_stage, stage, parts)
 
     def _shares(self, stage: str, parts: Sequence[Partition]) -> list[list]:
         """The seeded factor sample, split over the workers."""
@@ -293,7 +314,8 @@ class Job:
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(docs_s=f"{totals['docs'] / dt:.1f}", tok_s=f"{totals['tokens'] / dt:.0f}")
 
-        _drain(self.workers, todo, lambda w, p: w.index.remote(p, stages, self.duplicates.get(p.key)), on_done)
+        _drain(self.workers, todo, lambda w, p: w.index.remote(p, stages, self.duplicates.get(p.key)), on_done,
+               retries=self.cfg.cluster.max_restarts)
         bar.close()
         totals["skipped_total"] = write_skipped_summary(self.run, parts)
         totals["partitions_total"] = len(parts)
@@ -304,7 +326,8 @@ class Job:
     # ----------------------------------------------------------------- query
 
     def query(self) -> None:
-        result = ray.get(self.workers[0].queries.remote([m.value for m in self.cfg.methods]))
+        methods = [m.value for m in self.cfg.methods]
+        result = self._retrying("query", lambda: ray.get(self.workers[0].queries.remote(methods)))
         self.summary["query"] = result
         self.log(f"query: {result['queries']} queries x {len(result['methods'])} methods")
 

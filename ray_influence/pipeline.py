@@ -31,6 +31,10 @@ from .shard_model import ShardModel
 from .tokens import Batch, Example, batches, collate
 
 
+class ShardLost(RuntimeError):
+    """A shard of the replica died (or restarted and lost its pass): the task is retried."""
+
+
 @dataclass
 class Step:
     """What travels back through the shards for one micro-batch.

@@ -25,7 +25,7 @@ from .ekfac import Fisher
 from .factors_io import factors_from_bytes
 from .models import load_model, load_model_shard, load_tokenizer, parse_dtype
 from .modules import ModuleSpec, find_tracked_modules
-from .pipeline import ShardSession, Step, pipelined_batches
+from .pipeline import ShardLost, ShardSession, Step, pipelined_batches
 from .projection import make_projection, project_matrix
 from .rundir import RunDir
 from .scoring import Method, flatten, query_vectors, top_k
@@ -47,7 +47,9 @@ TEST_DELAY_ENV = "RAY_INFLUENCE_TEST_INDEX_DELAY_S"
 CRASH_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_ONCE"
 """Test-only: a flag-file path; the first index task to find it missing creates it and
 kills its worker process, so a test sees an actor die mid-index exactly once."""
-TEST_ENVS = (TEST_DELAY_ENV, CRASH_ONCE_ENV)
+CRASH_PEER_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_PEER_ONCE"
+"""Test-only: the same for a peer shard, in its first forward of a gradient pass (index)."""
+TEST_ENVS = (TEST_DELAY_ENV, CRASH_ONCE_ENV, CRASH_PEER_ONCE_ENV)
 
 
 def partition_provenance(part: Partition, drop: dict[int, str] | None) -> dict:
@@ -75,14 +77,21 @@ class Worker:
         cfg: the job config.
         shard: this worker's shard number (0 when ``cluster.shards`` is 1).
         layout: ``(blocks, first, last)`` of this shard; None for a whole model.
+        peers: shard 0 of a sharded replica: the actor handles of shards 1..S-1, in order
+            (constructor arguments, so a restarted head knows them again).
     """
 
-    def __init__(self, cfg: Config, shard: int = 0, layout: tuple[range, bool, bool] | None = None):
+    def __init__(self, cfg: Config, shard: int = 0, layout: tuple[range, bool, bool] | None = None,
+                 peers: Sequence = ()):
         self.cfg = cfg
         self.shard = shard
         self.layout = layout
         self.blocks = layout[0] if layout is not None else None
-        self.peers: list = []
+        self.peers: list = list(peers)
+        if layout is not None and layout[1] and not layout[2] and not self.peers:
+            raise ValueError("the first shard of a sharded replica needs its peers")
+        for p in self.peers:  # a restarted head: passes its previous life left open are void
+            p.close_all_sessions.remote()
         self.device = pick_device(cfg.cluster.num_gpus_per_worker)
         self.run = RunDir(cfg.run_dir)
         self._models: dict[str, Any] = {}
@@ -95,10 +104,6 @@ class Worker:
         self._held: dict[str, torch.Tensor] = {}
         if cfg.cluster.num_cpus_per_worker >= 1 and self.device.type == "cpu":
             torch.set_num_threads(int(cfg.cluster.num_cpus_per_worker))
-
-    def set_peers(self, peers: Sequence) -> None:
-        """Shard 0 of a sharded replica: the actor handles of shards 1..S-1, in order."""
-        self.peers = list(peers)
 
     def ping(self) -> int:
         return self.shard
@@ -248,16 +253,28 @@ class Worker:
             return sid, kept, losses, skipped
         import ray
 
-        ray.get([p.open_session.remote(sid, stage, *a) for p, a in zip(self.peers, peer_args)])
+        self._peer_get([p.open_session.remote(sid, stage, *a) for p, a in zip(self.peers, peer_args)])
         head = ShardSession(self.model(stage), self.specs(stage), plan.collector, plan.labels, e.seed,
                             FISHER_LABEL_STREAM, plan.on_batch)
         try:
             kept, losses, skipped = pipelined_batches(head, self.peers, sid, examples, max_tokens)
+        except ray.exceptions.RayActorError as err:
+            raise ShardLost(f"a shard of this replica died mid-pass: {err}") from None
         except BaseException:
             for p in self.peers:
                 p.close_session.remote(sid)
             raise
         return sid, kept, losses, skipped
+
+    @staticmethod
+    def _peer_get(refs):
+        """``ray.get`` of peer results; a dead peer becomes :class:`ShardLost` (the task is retried)."""
+        import ray
+
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as err:
+            raise ShardLost(f"a shard of this replica died: {err}") from None
 
     def _peer_results(self, method: str, sid: str, *args) -> list:
         """``peer.<method>(sid, *args)`` on every peer, as Ray object refs."""
@@ -271,22 +288,40 @@ class Worker:
         e = self.cfg.ekfac
         session = ShardSession(self.model(stage), self.specs(stage), plan.collector, plan.labels, e.seed,
                                FISHER_LABEL_STREAM, plan.on_batch)
-        self._sessions[sid] = (session, plan)
+        self._sessions[sid] = (session, plan, kind)
+
+    def _session(self, sid: str) -> tuple:
+        if sid not in self._sessions:  # this actor restarted: the pass must start over
+            raise ShardLost(f"shard {self.shard} has no pass {sid} (restarted?)")
+        return self._sessions[sid]
 
     def shard_forward(self, sid: str, bid: int, batch, hidden: torch.Tensor):
-        return self._sessions[sid][0].forward(bid, batch, hidden)
+        session, _, kind = self._session(sid)
+        flag = os.environ.get(CRASH_PEER_ONCE_ENV)
+        if flag and kind == "gradients" and not os.path.exists(flag):
+            open(flag, "w").close()  # test-only: a peer shard dies once, mid-index
+            os._exit(1)
+        return session.forward(bid, batch, hidden)
 
     def shard_backward(self, sid: str, bid: int, step: Step) -> Step:
-        return self._sessions[sid][0].backward(bid, step)
+        return self._session(sid)[0].backward(bid, step)
 
     def close_session(self, sid: str) -> None:
         self._sessions.pop(sid, None)
         self._held.pop(sid, None)
 
+    def close_all_sessions(self) -> None:
+        self._sessions.clear()
+        self._held.clear()
+
+    def _pop_session(self, sid: str) -> tuple:
+        out = self._session(sid)
+        del self._sessions[sid]
+        return out
+
     def session_result(self, sid: str):
         """Peer shard: the collector's result of pass ``sid`` (the session is closed)."""
-        _, plan = self._sessions.pop(sid)
-        return plan.collector.result()
+        return self._pop_session(sid)[1].collector.result()
 
     # ------------------------------------------------------------------ fit
 
@@ -370,7 +405,7 @@ class Worker:
                 flat = self._index_flat(stage, plan.collector.result(), rows, len(docs), examples, kept)
                 keep &= _finite_rows(flat, rows)
                 if self.peers:
-                    for mask in ray.get(self._peer_results("index_rows", sid, rows, len(docs),
+                    for mask in self._peer_get(self._peer_results("index_rows", sid, rows, len(docs),
                                                            attribution.input_order(examples, kept))):
                         keep &= mask
                 sids[stage] = sid
@@ -389,7 +424,7 @@ class Worker:
             write_index_piece(self.run, stage, self.shard, part, kept_docs, flats[stage][keep],
                               parse_dtype(self.cfg.projection.dtype), prov)
         if writes:
-            ray.get(writes)
+            self._peer_get(writes)
         write_docs_piece(self.run, part, kept_docs, [examples[i] for i in kept_rows], self.cfg.scoring.doc_text_chars)
         write_skipped_piece(self.run, part, skipped)
         return {
@@ -412,8 +447,8 @@ class Worker:
 
     def index_rows(self, sid: str, rows: list[int], n_docs: int, order: list[int]) -> torch.Tensor:
         """Peer shard: builds its flat index rows of pass ``sid``; returns which are finite ``[n_docs]``."""
-        stage_specs = self._sessions[sid][0].specs
-        _, plan = self._sessions.pop(sid)
+        session, plan, _ = self._pop_session(sid)
+        stage_specs = session.specs
         grads = plan.collector.result()
         computed = flatten({n: g[order] for n, g in grads.items()}, list(stage_specs))
         flat = torch.zeros(n_docs, computed.shape[1], dtype=computed.dtype)
@@ -424,6 +459,8 @@ class Worker:
     def write_index(self, sid: str, stage: str, part: Partition, docs: Sequence[Document], keep: torch.Tensor,
                     provenance: dict) -> dict:
         """Peer shard: writes its index piece of pass ``sid`` (rows ``keep``)."""
+        if sid not in self._held:
+            raise ShardLost(f"shard {self.shard} has no index rows of pass {sid} (restarted?)")
         flat = self._held.pop(sid)
         return write_index_piece(self.run, stage, self.shard, part, docs, flat[keep],
                                  parse_dtype(self.cfg.projection.dtype), provenance)
@@ -462,9 +499,7 @@ class Worker:
         vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
         write_query_vectors(self.run, self.shard, ids, recs, q, vectors)
         if refs:
-            import ray
-
-            ray.get(refs)
+            self._peer_get(refs)
         return {"queries": len(ids), "methods": list(vectors)}
 
     def _query_vectors_of(self, grads: dict, methods: Sequence[str]) -> dict:
@@ -490,7 +525,7 @@ class Worker:
 
     def write_queries(self, sid: str, order: list[int], ids: list, recs: list[dict], methods: list[str]) -> dict:
         """Peer shard: preconditions and writes its query vectors of pass ``sid``."""
-        _, plan = self._sessions.pop(sid)
+        plan = self._pop_session(sid)[1]
         vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
         return write_query_vectors(self.run, self.shard, ids, recs, self.cfg.queries, vectors)
 
@@ -515,18 +550,14 @@ class Worker:
             return None
         parts = [plan.collector.result()]
         if self.peers:
-            import ray
-
-            parts += ray.get(self._peer_results("session_result", sid))
+            parts += self._peer_get(self._peer_results("session_result", sid))
         return torch.cat(parts)
 
     def module_table(self, stage: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Names and decoder blocks of the replica's tracked modules (every shard's, in order)."""
         specs = list(self.specs(stage).values())
         if self.peers:
-            import ray
-
-            for other in ray.get([p.shard_specs.remote(stage) for p in self.peers]):
+            for other in self._peer_get([p.shard_specs.remote(stage) for p in self.peers]):
                 specs += other
         return tuple(s.name for s in specs), tuple(s.block for s in specs)
 
@@ -542,9 +573,7 @@ class Worker:
         """``{row: squared norm}`` of a partition's index rows, summed over shards."""
         sq, rows = self.shard_doc_sqnorms(stage, part)
         if self.peers:
-            import ray
-
-            for other, _ in ray.get([p.shard_doc_sqnorms.remote(stage, part) for p in self.peers]):
+            for other, _ in self._peer_get([p.shard_doc_sqnorms.remote(stage, part) for p in self.peers]):
                 sq = sq + other
         return dict(zip(rows.tolist(), sq.tolist()))
 
@@ -555,9 +584,7 @@ class Worker:
         """``{method: [Q]}`` squared norms of the stored query vectors, summed over shards."""
         sq = self.shard_query_sqnorms()
         if self.peers:
-            import ray
-
-            for other in ray.get([p.shard_query_sqnorms.remote() for p in self.peers]):
+            for other in self._peer_get([p.shard_query_sqnorms.remote() for p in self.peers]):
                 sq = {m: sq[m] + other[m] for m in sq}
         return {m: v.tolist() for m, v in sq.items()}
 
@@ -600,7 +627,7 @@ class Worker:
 
         refs = [p.partial_scores.remote(part, methods) for p in self.peers]
         partial, rows = self.partial_scores(part, methods)
-        for other, other_rows in ray.get(refs) if refs else []:
+        for other, other_rows in self._peer_get(refs) if refs else []:
             if not torch.equal(other_rows, rows):
                 raise RuntimeError(f"partition {part.key}: the shards' index pieces hold different rows")
             partial = {m: tuple(a + b for a, b in zip(partial[m], other[m])) for m in partial}
@@ -644,12 +671,13 @@ def index_width(specs: dict[str, ModuleSpec], dim: int) -> int:
 
 
 def remote_worker(cfg: Config, shard: int = 0, layout: tuple[range, bool, bool] | None = None,
-                  placement: tuple[Any, int] | None = None):
+                  placement: tuple[Any, int] | None = None, peers: Sequence = ()):
     """Starts a :class:`Worker` as a Ray actor with the config's resources.
 
     Args:
         layout: the shard's ``(blocks, first, last)``; None for a whole model.
         placement: ``(placement group, bundle index)`` to schedule the actor in.
+        peers: for shard 0 of a sharded replica, the other shards' actors.
     """
     import ray
 
@@ -666,4 +694,4 @@ def remote_worker(cfg: Config, shard: int = 0, layout: tuple[range, bool, bool] 
         max_restarts=c.max_restarts, max_task_retries=c.max_restarts,
         **({"runtime_env": {"env_vars": env}} if env else {}), **options,
     )
-    return actor_cls.remote(cfg, shard, layout)
+    return actor_cls.remote(cfg, shard, layout, list(peers))

@@ -188,3 +188,22 @@ def test_more_shards_than_blocks_exits_2_before_any_compute(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run-bad").exists(), "nothing may be written"
     assert "ray" not in proc.stdout.lower()
+
+
+def test_a_shard_killed_mid_index_gives_identical_results(tmp_path, ray_local, monkeypatch):
+    from ray_influence.worker import CRASH_ONCE_ENV, CRASH_PEER_ONCE_ENV
+
+    cfg = job_config(tmp_path, "llama")
+    base = sharded(cfg, 2, "ok")
+    run_job(config_from_dict(base), progress=False)
+    for env, tag in ((CRASH_PEER_ONCE_ENV, "peer"), (CRASH_ONCE_ENV, "head")):
+        flag = tmp_path / f"crashed-{tag}"
+        monkeypatch.setenv(env, str(flag))
+        other = sharded(cfg, 2, tag)
+        summary = run_job(config_from_dict(other), progress=False)
+        monkeypatch.delenv(env)
+        assert flag.exists(), f"the {tag} shard did not crash"
+        assert summary["index"]["docs"] == 20 and summary["index"]["partitions"] == 4
+        assert_same_rows(results(other["run_dir"]), results(base["run_dir"]), (3,))
+        ia, ib = index_columns(base["run_dir"], "pretrained", 2), index_columns(other["run_dir"], "pretrained", 2)
+        assert torch.equal(ia, ib), f"{tag}: the index differs"
