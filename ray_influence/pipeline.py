@@ -94,14 +94,14 @@ class ShardSession:
                 out = sh.forward(x, batch.token_mask)
             if not sh.last:
                 self._pending[bid] = (x, out, batch)
-                return out.detach()
+                return out.detach().cpu()  # through the object store; the next shard moves it to its device
             data_loss, losses = loss_terms(out, batch, self.labels, self.seed, self.pass_name, self.collector.samples)
             if losses is None:
                 return Step(data_loss, None)
             grads = [torch.autograd.grad(loss, x, retain_graph=s < len(losses) - 1)[0]
                      for s, loss in enumerate(losses)]
         self._done(batch)
-        return Step(data_loss, torch.stack(grads).detach())
+        return Step(data_loss, torch.stack(grads).detach().cpu())
 
     def backward(self, bid: int, step: Step) -> Step:
         """Back-propagates ``step``'s output-gradients through micro-batch ``bid``'s graph."""
@@ -113,7 +113,7 @@ class ShardSession:
             back = [torch.autograd.grad(out, x, grad_outputs=g, retain_graph=s < len(grads) - 1)[0]
                     for s, g in enumerate(grads)]
         self._done(batch)
-        return Step(step.losses, None if self.shard.first else torch.stack(back).detach())
+        return Step(step.losses, None if self.shard.first else torch.stack(back).detach().cpu())
 
     def _done(self, batch: Batch) -> None:
         if self.on_batch is not None:

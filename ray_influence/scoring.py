@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .ekfac import ModuleFactors, ihvp
+from .modules import ModuleSpec
 
 PerModule = Mapping[str, torch.Tensor]
 Factors = Mapping[str, ModuleFactors]
@@ -100,6 +101,18 @@ def flatten(per_module: PerModule, names: Sequence[str]) -> torch.Tensor:
     if missing:
         raise ValueError(f"missing modules {missing}")
     return torch.cat([per_module[n].flatten(start_dim=1) for n in names], dim=1)
+
+
+def index_width(specs: Mapping[str, ModuleSpec], dim: int) -> int:
+    """Columns of a flat index row: ``sum_m k^2``, or ``sum_m d_out d_in'`` when exact."""
+    return sum(dim * dim if dim else s.d_out * s.d_in_aug for s in specs.values())
+
+
+def finite_rows(flat: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """``[N]`` bool: True at ``rows`` of ``flat`` ``[N, D]`` that are finite everywhere."""
+    finite = torch.zeros(flat.shape[0], dtype=torch.bool)
+    finite[list(rows)] = torch.isfinite(flat[list(rows)]).all(dim=1)
+    return finite
 
 
 def scores(u: torch.Tensor, docs: torch.Tensor, cosine: bool = False, doc_sqnorm: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,7 +37,6 @@ from .modules import ModuleSpec
 from .passes import Labels, run_pass
 from .projection import Projection, project_activations, project_gradients
 from .scoring import Method
-from .store import read_index_piece, read_query_vectors
 from .tokens import Example, collate
 
 TERM_DTYPE = torch.float64

@@ -25,10 +25,11 @@ from .ekfac import Fisher
 from .factors_io import factors_from_bytes
 from .models import load_model, load_model_shard, load_tokenizer, parse_dtype
 from .modules import ModuleSpec, find_tracked_modules
-from .pipeline import ShardLost, ShardSession, Step, pipelined_batches
+from .pipeline import ShardLost, ShardSession, pipelined_batches
+from .shard_peer import CRASH_PEER_ONCE_ENV, ShardPeer
 from .projection import make_projection, project_matrix
 from .rundir import RunDir
-from .scoring import Method, flatten, query_vectors, top_k
+from .scoring import Method, finite_rows, flatten, index_width, query_vectors, top_k
 from .store import (
     factors_rel,
     queries_rel,
@@ -47,8 +48,6 @@ TEST_DELAY_ENV = "RAY_INFLUENCE_TEST_INDEX_DELAY_S"
 CRASH_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_ONCE"
 """Test-only: a flag-file path; the first index task to find it missing creates it and
 kills its worker process, so a test sees an actor die mid-index exactly once."""
-CRASH_PEER_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_PEER_ONCE"
-"""Test-only: the same for a peer shard, in its first forward of a gradient pass (index)."""
 TEST_ENVS = (TEST_DELAY_ENV, CRASH_ONCE_ENV, CRASH_PEER_ONCE_ENV)
 
 
@@ -64,7 +63,7 @@ def pick_device(num_gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
-class Worker:
+class Worker(ShardPeer):
     """Holds the models of one replica, or of one shard of a replica, and runs its passes.
 
     With ``cluster.shards: S > 1`` a replica is ``S`` workers, each owning a contiguous
@@ -88,8 +87,6 @@ class Worker:
         self.layout = layout
         self.blocks = layout[0] if layout is not None else None
         self.peers: list = list(peers)
-        if layout is not None and layout[1] and not layout[2] and not self.peers:
-            raise ValueError("the first shard of a sharded replica needs its peers")
         for p in self.peers:  # a restarted head: passes its previous life left open are void
             p.close_all_sessions.remote()
         self.device = pick_device(cfg.cluster.num_gpus_per_worker)
@@ -246,6 +243,9 @@ class Worker:
         """
         e, max_tokens = self.cfg.ekfac, self.cfg.cluster.max_tokens_per_batch
         sid = uuid.uuid4().hex
+        if self.layout is not None and not self.peers:
+            raise RuntimeError(f"shard {self.shard} holds blocks {self.blocks} only; passes run from the "
+                               "replica's first shard, which needs its peers")
         if not self.peers:
             kept, losses, skipped = attribution.run_batches(
                 self.model(stage), examples, self.specs(stage), plan.collector, plan.labels, e.seed, max_tokens,
@@ -266,63 +266,6 @@ class Worker:
             raise
         return sid, kept, losses, skipped
 
-    @staticmethod
-    def _peer_get(refs):
-        """``ray.get`` of peer results; a dead peer becomes :class:`ShardLost` (the task is retried)."""
-        import ray
-
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayActorError as err:
-            raise ShardLost(f"a shard of this replica died: {err}") from None
-
-    def _peer_results(self, method: str, sid: str, *args) -> list:
-        """``peer.<method>(sid, *args)`` on every peer, as Ray object refs."""
-        return [getattr(p, method).remote(sid, *args) for p in self.peers]
-
-    # ------------------------------------------- peer side of a sharded replica
-
-    def open_session(self, sid: str, stage: str, kind: str, *args) -> None:
-        """Peer shard: opens pass ``sid`` with this shard's own collector (see :meth:`_plan`)."""
-        plan = self._plan(stage, kind, *args)
-        e = self.cfg.ekfac
-        session = ShardSession(self.model(stage), self.specs(stage), plan.collector, plan.labels, e.seed,
-                               FISHER_LABEL_STREAM, plan.on_batch)
-        self._sessions[sid] = (session, plan, kind)
-
-    def _session(self, sid: str) -> tuple:
-        if sid not in self._sessions:  # this actor restarted: the pass must start over
-            raise ShardLost(f"shard {self.shard} has no pass {sid} (restarted?)")
-        return self._sessions[sid]
-
-    def shard_forward(self, sid: str, bid: int, batch, hidden: torch.Tensor):
-        session, _, kind = self._session(sid)
-        flag = os.environ.get(CRASH_PEER_ONCE_ENV)
-        if flag and kind == "gradients" and not os.path.exists(flag):
-            open(flag, "w").close()  # test-only: a peer shard dies once, mid-index
-            os._exit(1)
-        return session.forward(bid, batch, hidden)
-
-    def shard_backward(self, sid: str, bid: int, step: Step) -> Step:
-        return self._session(sid)[0].backward(bid, step)
-
-    def close_session(self, sid: str) -> None:
-        self._sessions.pop(sid, None)
-        self._held.pop(sid, None)
-
-    def close_all_sessions(self) -> None:
-        self._sessions.clear()
-        self._held.clear()
-
-    def _pop_session(self, sid: str) -> tuple:
-        out = self._session(sid)
-        del self._sessions[sid]
-        return out
-
-    def session_result(self, sid: str):
-        """Peer shard: the collector's result of pass ``sid`` (the session is closed)."""
-        return self._pop_session(sid)[1].collector.result()
-
     # ------------------------------------------------------------------ fit
 
     def covariance(self, stage: str, share: Sequence):
@@ -331,23 +274,7 @@ class Worker:
         Returns:
             ``{name: CovarianceStats}``; sharded, one Ray object ref of such a dict per shard.
         """
-        examples = self._share_examples(stage, share)
-        if not self.peers:
-            if not examples:
-                return {n: None for n in self.specs(stage)}
-            return self._run_collect(stage, examples, self._plan(stage, "covariance"))
-        sid, *_ = self._run(stage, examples, plan := self._plan(stage, "covariance"),
-                            [("covariance",)] * len(self.peers))
-        return self._shard_refs(plan.collector.result(), sid)
-
-    def _run_collect(self, stage: str, examples: Sequence[Example], plan: PassPlan):
-        self._run(stage, examples, plan)
-        return plan.collector.result()
-
-    def _shard_refs(self, own, sid: str) -> list:
-        import ray
-
-        return [ray.put(own)] + self._peer_results("session_result", sid)
+        return self._fit_pass(stage, share, ("covariance",), [("covariance",)] * len(self.peers))
 
     def eigendecompose(self, stats: ekfac.CovarianceStats) -> ekfac.Eigenbasis:
         """float64 eigendecomposition of one module's merged A and G (a reducer task)."""
@@ -357,21 +284,28 @@ class Worker:
         """Partial Λ sums over this worker's share, in the reduced eigenbases.
 
         Args:
-            bases: per shard, ``{name: Eigenbasis or its Ray object ref}`` of its modules.
+            bases: per shard, ``{name: Eigenbasis or its Ray object ref}`` of its modules
+                (refs nested in a list reach the worker unresolved: each shard fetches its own).
 
         Returns:
             ``{name: LambdaStats}``; sharded, one Ray object ref of such a dict per shard.
         """
         own = _resolve(bases[0])
+        return self._fit_pass(stage, share, ("lambda", list(own), *own.values()),
+                              [("lambda", list(b), *b.values()) for b in bases[1:]])
+
+    def _fit_pass(self, stage: str, share: Sequence, kind: tuple, peer_kinds: Sequence[tuple]):
         examples = self._share_examples(stage, share)
+        plan = self._plan(stage, *kind)
         if not self.peers:
             if not examples:
-                return {n: None for n in own}
-            return self._run_collect(stage, examples, self._plan(stage, "lambda", list(own), *own.values()))
-        plan = self._plan(stage, "lambda", list(own), *own.values())
-        peer_args = [("lambda", list(b), *b.values()) for b in bases[1:]]
-        sid, *_ = self._run(stage, examples, plan, peer_args)
-        return self._shard_refs(plan.collector.result(), sid)
+                return {n: None for n in self.specs(stage)}
+            self._run(stage, examples, plan)
+            return plan.collector.result()
+        import ray
+
+        sid, *_ = self._run(stage, examples, plan, peer_kinds)
+        return [ray.put(plan.collector.result())] + self._peer_results("session_result", sid)
 
     # ---------------------------------------------------------------- index
 
@@ -390,8 +324,6 @@ class Worker:
         if CRASH_ONCE_ENV in os.environ and not os.path.exists(os.environ[CRASH_ONCE_ENV]):
             open(os.environ[CRASH_ONCE_ENV], "w").close()  # test-only: die once, mid-index
             os._exit(1)
-        import ray
-
         docs, skipped = self.corpus_documents(part, drop)
         examples = self.corpus_examples(docs)
         keep = torch.ones(len(docs), dtype=torch.bool)
@@ -403,7 +335,7 @@ class Worker:
                 sid, kept, _, _ = self._run(stage, examples, plan, [("gradients", True)] * len(self.peers))
                 rows = _rows_of(examples, kept)
                 flat = self._index_flat(stage, plan.collector.result(), rows, len(docs), examples, kept)
-                keep &= _finite_rows(flat, rows)
+                keep &= finite_rows(flat, rows)
                 if self.peers:
                     for mask in self._peer_get(self._peer_results("index_rows", sid, rows, len(docs),
                                                            attribution.input_order(examples, kept))):
@@ -444,31 +376,6 @@ class Worker:
         flat = torch.zeros(n_docs, index_width(specs, self.cfg.projection.dim), dtype=computed.dtype)
         flat[rows] = computed
         return flat
-
-    def index_rows(self, sid: str, rows: list[int], n_docs: int, order: list[int]) -> torch.Tensor:
-        """Peer shard: builds its flat index rows of pass ``sid``; returns which are finite ``[n_docs]``."""
-        session, plan, _ = self._pop_session(sid)
-        stage_specs = session.specs
-        grads = plan.collector.result()
-        computed = flatten({n: g[order] for n, g in grads.items()}, list(stage_specs))
-        flat = torch.zeros(n_docs, computed.shape[1], dtype=computed.dtype)
-        flat[rows] = computed
-        self._held[sid] = flat
-        return _finite_rows(flat, rows)
-
-    def write_index(self, sid: str, stage: str, part: Partition, docs: Sequence[Document], keep: torch.Tensor,
-                    provenance: dict) -> dict:
-        """Peer shard: writes its index piece of pass ``sid`` (rows ``keep``)."""
-        if sid not in self._held:
-            raise ShardLost(f"shard {self.shard} has no index rows of pass {sid} (restarted?)")
-        flat = self._held.pop(sid)
-        return write_index_piece(self.run, stage, self.shard, part, docs, flat[keep],
-                                 parse_dtype(self.cfg.projection.dtype), provenance)
-
-    def write_empty_index(self, stage: str, part: Partition, provenance: dict) -> dict:
-        flat = torch.zeros(0, index_width(self.specs(stage), self.cfg.projection.dim))
-        return write_index_piece(self.run, stage, self.shard, part, [], flat, parse_dtype(self.cfg.projection.dtype),
-                                 provenance)
 
     # --------------------------------------------------------------- queries
 
@@ -523,12 +430,6 @@ class Worker:
             vectors[method.value] = flatten(u, names)
         return vectors
 
-    def write_queries(self, sid: str, order: list[int], ids: list, recs: list[dict], methods: list[str]) -> dict:
-        """Peer shard: preconditions and writes its query vectors of pass ``sid``."""
-        plan = self._pop_session(sid)[1]
-        vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
-        return write_query_vectors(self.run, self.shard, ids, recs, self.cfg.queries, vectors)
-
     # ----------------------------------------------------------------- score
 
     def token_terms(self, stage: str, requests: Sequence) -> list:
@@ -561,14 +462,6 @@ class Worker:
                 specs += other
         return tuple(s.name for s in specs), tuple(s.block for s in specs)
 
-    def shard_specs(self, stage: str) -> list[ModuleSpec]:
-        return list(self.specs(stage).values())
-
-    def shard_doc_sqnorms(self, stage: str, part: Partition) -> tuple[torch.Tensor, torch.Tensor]:
-        """This shard's part of each document's squared index norm, and the rows."""
-        _, sq, rows = read_index_piece(self.run, stage, self.shard, part)
-        return sq, rows
-
     def doc_sqnorms(self, stage: str, part: Partition) -> dict[int, float]:
         """``{row: squared norm}`` of a partition's index rows, summed over shards."""
         sq, rows = self.shard_doc_sqnorms(stage, part)
@@ -576,9 +469,6 @@ class Worker:
             for other, _ in self._peer_get([p.shard_doc_sqnorms.remote(stage, part) for p in self.peers]):
                 sq = sq + other
         return dict(zip(rows.tolist(), sq.tolist()))
-
-    def shard_query_sqnorms(self) -> dict[str, torch.Tensor]:
-        return {m: v.to(torch.float64).square().sum(1) for m, v in self._query_vectors()["vectors"].items()}
 
     def query_sqnorms(self) -> dict[str, list[float]]:
         """``{method: [Q]}`` squared norms of the stored query vectors, summed over shards."""
@@ -623,8 +513,6 @@ class Worker:
         The partial scores (and squared norms) of the shards add up to the scores; cosine
         scores divide by the query's and document's full norms.
         """
-        import ray
-
         refs = [p.partial_scores.remote(part, methods) for p in self.peers]
         partial, rows = self.partial_scores(part, methods)
         for other, other_rows in self._peer_get(refs) if refs else []:
@@ -657,17 +545,6 @@ def _rows_of(examples: Sequence[Example], kept: Sequence[str]) -> list[int]:
     """Input positions of the examples a pass kept, in input order."""
     got = set(kept)
     return [i for i, e in enumerate(examples) if e.key in got]
-
-
-def _finite_rows(flat: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    finite = torch.zeros(flat.shape[0], dtype=torch.bool)
-    finite[rows] = torch.isfinite(flat[rows]).all(dim=1)
-    return finite
-
-
-def index_width(specs: dict[str, ModuleSpec], dim: int) -> int:
-    """Columns of a flat index row: ``sum_m k^2``, or ``sum_m d_out d_in'`` when exact."""
-    return sum(dim * dim if dim else s.d_out * s.d_in_aug for s in specs.values())
 
 
 def remote_worker(cfg: Config, shard: int = 0, layout: tuple[range, bool, bool] | None = None,

@@ -8,7 +8,6 @@ positions, Conv1D), Bloom (ALiBi). The models have 4 decoder blocks, so S = 2 sp
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 
