@@ -67,7 +67,8 @@ class EkfacConfig:
     fisher: Union[bool, str] = _f(True, "true: labels sampled from the model (true Fisher); 'empirical': the data's labels")
     fisher_samples: int = _f(1, "labels sampled per position for the true Fisher")
     covariance_max_docs: int = _f(10000, "documents (a seeded sample) behind the pre-training factors; also caps the fine-tuning set")
-    damping: Union[str, float, dict] = _f("auto", "'auto' (0.1 x mean Λ per module), a float, or {pretrained: .., finetuned: ..}")
+    damping: Union[str, float, dict] = _f("auto", "'auto' (0.1 x mean Λ per module), 'auto*C' (C x that, e.g. 'auto*10'), "
+                                                   "a float, or {pretrained: .., finetuned: ..} of those")
     seed: int = _f(0, "seed of the covariance sample and of label sampling")
 
     def damping_for(self, stage: str) -> Union[str, float]:

@@ -49,6 +49,11 @@ def test_defaults_follow_the_design():
     ("ekfac.damping", "lots", "lots"),
     ("ekfac.damping", -1.0, "-1.0"),
     ("ekfac.damping", {"pretrain": 0.1}, "ekfac.damping.pretrain"),
+    ("ekfac.damping", "auto*0", "'auto*0'"),
+    ("ekfac.damping", "auto*-1", "'auto*-1'"),
+    ("ekfac.damping", "auto*lots", "'auto*lots'"),
+    ("ekfac.damping", "10*auto", "'10*auto'"),
+    ("ekfac.damping", {"finetuned": "auto*inf"}, "'auto*inf'"),
     ("projection.dim", -1, "projection.dim"),
     ("model.dtype", "float8", "float8"),
 ])
@@ -68,6 +73,8 @@ def test_damping_per_stage():
     cfg = config_from_dict(cfg_with("ekfac.damping", {"pretrained": 0.5}))
     assert cfg.ekfac.damping_for("pretrained") == 0.5 and cfg.ekfac.damping_for("finetuned") == "auto"
     assert config_from_dict(cfg_with("ekfac.damping", 1e-3)).ekfac.damping_for("finetuned") == 1e-3
+    cfg = config_from_dict(cfg_with("ekfac.damping", {"pretrained": "auto*10", "finetuned": "auto * 0.5"}))
+    assert cfg.ekfac.damping_for("pretrained") == "auto*10" and cfg.ekfac.damping_for("finetuned") == "auto * 0.5"
 
 
 def test_load_config_errors(tmp_path):
