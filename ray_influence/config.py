@@ -62,18 +62,25 @@ class ModulesConfig:
     exclude: list = _f(factory=lambda: ["lm_head", "*embed*"], help="glob patterns never tracked")
 
 
+DEFAULT_DAMPING = "auto*10"
+"""Each stage's damping unless the config says otherwise: mean(Λ) per module, ten times
+kronfluence's 'auto'. Chosen from the damping grid of docs/BENCHMARKS.md (attribution quality)."""
+
+
 @dataclass(frozen=True)
 class EkfacConfig:
     fisher: Union[bool, str] = _f(True, "true: labels sampled from the model (true Fisher); 'empirical': the data's labels")
-    fisher_samples: int = _f(1, "labels sampled per position for the true Fisher")
+    fisher_samples: int = _f(4, "labels sampled per position for the true Fisher (4: docs/BENCHMARKS.md, attribution quality)")
     covariance_max_docs: int = _f(10000, "documents (a seeded sample) behind the pre-training factors; also caps the fine-tuning set")
-    damping: Union[str, float, dict] = _f("auto", "'auto' (0.1 x mean Λ per module), a float, or {pretrained: .., finetuned: ..}")
+    damping: Union[str, float, dict] = _f(DEFAULT_DAMPING, "'auto' (0.1 x mean Λ per module), 'auto*C' (C x that; the default "
+                                                      "'auto*10' is mean Λ: docs/BENCHMARKS.md, attribution quality), "
+                                                      "a float, or {pretrained: .., finetuned: ..} of those")
     seed: int = _f(0, "seed of the covariance sample and of label sampling")
 
     def damping_for(self, stage: str) -> Union[str, float]:
         """The damping spec of ``stage`` ('pretrained' or 'finetuned')."""
         if isinstance(self.damping, dict):
-            return self.damping.get(stage, "auto")
+            return self.damping.get(stage, DEFAULT_DAMPING)
         return self.damping
 
 

@@ -28,6 +28,7 @@ EK-FAC matrix is ``(Q_G ⊗ Q_A) diag(vec Λ) (Q_G ⊗ Q_A)^T`` (:func:`dense_ek
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -37,7 +38,8 @@ STATS_DTYPE = torch.float64
 """Partial sums and eigendecompositions are kept in float64 whatever the model dtype."""
 
 AUTO_DAMPING_FACTOR = 0.1
-"""``damping: auto`` is this factor times mean(Λ) per module (kronfluence's heuristic)."""
+"""``damping: auto`` is this factor times mean(Λ) per module (kronfluence's heuristic);
+``auto*C`` scales it by C."""
 
 
 class Fisher(str, enum.Enum):
@@ -221,24 +223,43 @@ class ModuleFactors:
         return (self.q_g.shape[0], self.q_a.shape[0])
 
 
+def auto_scale(damping: str) -> float:
+    """The factor ``C`` of a damping spec ``"auto"`` (1) or ``"auto*C"`` (C times the auto value).
+
+    Raises:
+        ValueError: for any other string, or a ``C`` that is not a positive finite number.
+    """
+    head, star, factor = damping.partition("*")
+    if head.strip() == "auto" and not star:
+        return 1.0
+    if head.strip() == "auto":
+        try:
+            scale = float(factor)
+        except ValueError:
+            scale = float("nan")
+        if math.isfinite(scale) and scale > 0:
+            return scale
+    raise ValueError(f"unknown damping {damping!r}; expected 'auto', 'auto*C' with a positive number C "
+                     "(C x the auto value), or a non-negative float")
+
+
 def resolve_damping(lam: torch.Tensor, damping: str | float) -> float:
     """The damping λ for one module.
 
     Args:
         lam: Λ ``[d_out, d_in']``.
-        damping: ``"auto"`` (``0.1 * mean(Λ)``) or a non-negative float.
+        damping: ``"auto"`` (``0.1 * mean(Λ)``), ``"auto*C"`` (``C * 0.1 * mean(Λ)``, e.g.
+            ``"auto*10"``) or a non-negative float.
 
     Raises:
         ValueError: for any other value.
     """
     if isinstance(damping, str):
-        if damping != "auto":
-            raise ValueError(f"unknown damping {damping!r}; expected 'auto' or a non-negative float")
-        value = AUTO_DAMPING_FACTOR * float(lam.mean())
+        value = auto_scale(damping) * AUTO_DAMPING_FACTOR * float(lam.mean())
         # A module whose gradients all vanish would get λ = 0 and an undefined inverse.
         return value if value > 0 else 1e-12
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
-        raise ValueError(f"invalid damping {damping!r}; expected 'auto' or a non-negative float")
+        raise ValueError(f"invalid damping {damping!r}; expected 'auto', 'auto*C' or a non-negative float")
     return float(damping)
 
 

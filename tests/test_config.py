@@ -29,7 +29,8 @@ def test_defaults_follow_the_design():
     assert cfg.corpus.text_column == "text" and cfg.corpus.id_column == "doc_id"
     assert cfg.corpus.max_length == 512 and cfg.corpus.partition_docs == 10000
     assert cfg.modules.exclude == ["lm_head", "*embed*"]
-    assert cfg.ekfac.fisher is True and cfg.ekfac.damping == "auto" and cfg.ekfac.fisher_samples == 1
+    # damping and fisher_samples: chosen by jobs/bench_quality.py (docs/BENCHMARKS.md)
+    assert cfg.ekfac.fisher is True and cfg.ekfac.damping == "auto*10" and cfg.ekfac.fisher_samples == 4
     assert cfg.projection.dim == 32 and cfg.scoring.methods == ["multi_stage"] and cfg.scoring.top_k == 100
     assert cfg.cluster.replicas == 2 and cfg.cluster.shards == 1
 
@@ -49,6 +50,11 @@ def test_defaults_follow_the_design():
     ("ekfac.damping", "lots", "lots"),
     ("ekfac.damping", -1.0, "-1.0"),
     ("ekfac.damping", {"pretrain": 0.1}, "ekfac.damping.pretrain"),
+    ("ekfac.damping", "auto*0", "'auto*0'"),
+    ("ekfac.damping", "auto*-1", "'auto*-1'"),
+    ("ekfac.damping", "auto*lots", "'auto*lots'"),
+    ("ekfac.damping", "10*auto", "'10*auto'"),
+    ("ekfac.damping", {"finetuned": "auto*inf"}, "'auto*inf'"),
     ("projection.dim", -1, "projection.dim"),
     ("model.dtype", "float8", "float8"),
 ])
@@ -66,8 +72,10 @@ def test_missing_required_key():
 
 def test_damping_per_stage():
     cfg = config_from_dict(cfg_with("ekfac.damping", {"pretrained": 0.5}))
-    assert cfg.ekfac.damping_for("pretrained") == 0.5 and cfg.ekfac.damping_for("finetuned") == "auto"
+    assert cfg.ekfac.damping_for("pretrained") == 0.5 and cfg.ekfac.damping_for("finetuned") == "auto*10"
     assert config_from_dict(cfg_with("ekfac.damping", 1e-3)).ekfac.damping_for("finetuned") == 1e-3
+    cfg = config_from_dict(cfg_with("ekfac.damping", {"pretrained": "auto*10", "finetuned": "auto * 0.5"}))
+    assert cfg.ekfac.damping_for("pretrained") == "auto*10" and cfg.ekfac.damping_for("finetuned") == "auto * 0.5"
 
 
 def test_load_config_errors(tmp_path):
@@ -84,6 +92,6 @@ def test_load_config_errors(tmp_path):
 
 def test_describe_lists_every_key_with_help():
     text = describe()
-    for key in ("run_dir:", "partition_docs: 10000", "fisher_samples: 1", "top_k: 100", "num_gpus_per_worker: 0"):
+    for key in ("run_dir:", "partition_docs: 10000", "fisher_samples: 4", "top_k: 100", "num_gpus_per_worker: 0"):
         assert key in text
     assert all("#" in line for line in text.splitlines())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -58,6 +60,9 @@ def test_ihvp_on_fitted_factors(model64):
     assert rel(back, v) < 1e-8
     # auto damping is 0.1 * mean(Λ), per module
     assert f.damping == pytest.approx(0.1 * f.lam.mean().item(), rel=1e-12)
+    # auto*C is C times that (the form the damping sweep of jobs/bench_quality.py uses)
+    for spec, scale in (("auto*10", 10.0), ("auto * 0.01", 0.01), ("auto", 1.0)):
+        assert ekfac.resolve_damping(f.lam, spec) == pytest.approx(scale * f.damping, rel=1e-12), spec
 
 
 def test_ekfac_is_closer_to_the_exact_fisher_than_kfac(model64, arch):
@@ -160,6 +165,9 @@ def test_bad_inputs_name_the_value(model64):
         ihvp(torch.zeros(2, 5), f)
     with pytest.raises(ValueError, match="'big'"):
         ekfac.resolve_damping(torch.ones(2, 2), "big")
+    for bad in ("auto*0", "auto*-2", "auto*nan", "auto*", "auto**2"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            ekfac.resolve_damping(torch.ones(2, 2), bad)
     a = ekfac.CovarianceStats(torch.zeros(2, 2), torch.zeros(3, 3), 1)
     b = ekfac.CovarianceStats(torch.zeros(4, 4), torch.zeros(3, 3), 1)
     with pytest.raises(ValueError, match=r"\(4, 4\)"):
