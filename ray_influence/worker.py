@@ -24,11 +24,11 @@ from .models import load_model, load_tokenizer, parse_dtype
 from .modules import ModuleSpec, find_tracked_modules
 from .projection import make_projection, project_matrix
 from .rundir import RunDir
-from .scoring import Method, flatten, query_vectors, top_k
+from .scoring import BlockScores, Method, flatten, query_vectors, top_k
 from .store import (
+    IndexPieceReader,
     factors_rel,
     queries_rel,
-    read_index_piece,
     read_query_vectors,
     write_docs_piece,
     write_index_piece,
@@ -79,6 +79,7 @@ class Worker:
         self._file_cache: dict = {}
         self._ft_records: list[dict] | None = None
         self._queries_cache: tuple[str, dict] | None = None
+        self._piece_reader: IndexPieceReader | None = None
         if cfg.cluster.num_cpus_per_worker >= 1 and self.device.type == "cpu":
             torch.set_num_threads(int(cfg.cluster.num_cpus_per_worker))
 
@@ -302,23 +303,27 @@ class Worker:
     def partial_scores(self, part: Partition, methods: Sequence[str]) -> tuple[dict, torch.Tensor]:
         """This shard's partial scores of one partition (summed over shards later).
 
-        Each index piece is read once, however many methods score against it.
+        Each index piece is streamed once (:class:`~ray_influence.store.IndexPieceReader`:
+        read and checksum in a background thread, overlapped with the matmuls), however
+        many methods score against it.
 
         Returns:
-            ``({method: (scores [Q, N], sqnorm [N])}, rows within the file [N])``.
+            ``({method: (scores [Q, N] float64, sqnorm [N])}, rows within the file [N])``.
         """
         qv = self._query_vectors()
-        pieces = {}
-        out = {}
+        by_stage: dict[str, list[str]] = {}
         for m in methods:
             method = Method.parse(m)
-            stage = method.doc_model
-            if stage not in pieces:
-                pieces[stage] = read_index_piece(self.run, stage, self.shard, part)
-            grads, sqnorm, _ = pieces[stage]
-            out[method.value] = (qv["vectors"][method.value].to(torch.float64) @ grads.to(torch.float64).T, sqnorm)
-        rows = next(iter(pieces.values()))[2]  # every stage's piece holds the same rows
-        return out, rows
+            by_stage.setdefault(method.doc_model, []).append(method.value)
+        if self._piece_reader is None:
+            self._piece_reader = IndexPieceReader(self.run)
+        out, rows = {}, None
+        for stage, names in by_stage.items():
+            block_scores = BlockScores({m: qv["vectors"][m] for m in names})
+            sqnorm, rows = self._piece_reader.scan(stage, self.shard, part, block_scores.add)
+            out.update({m: (s, sqnorm) for m, s in block_scores.result().items()})
+        order = [Method.parse(m).value for m in methods]
+        return {m: out[m] for m in order}, rows  # every stage's piece holds the same rows
 
     def score(self, part: Partition, methods: Sequence[str], k: int) -> dict:
         """Top-k of one partition per method: ``{method: (values [Q, k'], global positions [Q, k'])}``.
