@@ -127,44 +127,63 @@ def bench_passes(name: str, args) -> dict:
 
 
 def bench_scoring(args) -> dict:
-    """Reading index pieces + scoring + top-k of one worker vs a bare matmul of the same shapes."""
-    from ray_influence.data import InputFile, Partition
-    from ray_influence.rundir import RunDir
-    from ray_influence.scoring import top_k
-    from ray_influence.store import read_index_piece, write_index_piece
-    from ray_influence.data import Document
+    """The score stage of one worker (``Worker.score`` per piece + the driver's top-k merge) vs a bare matmul.
+
+    Both sides see the same shapes and dtypes: the worker streams each float32 piece from
+    disk (read + sha256 in a background thread), scores it in float32 and takes its top-k;
+    the bare matmul multiplies the same float32 query matrix with the same pieces, already
+    in memory, and does nothing else.
+    """
+    from types import SimpleNamespace
+
+    from ray_influence.config import config_from_dict
+    from ray_influence.data import Document, InputFile, Partition
+    from ray_influence.reducer import merge_topk
+    from ray_influence.store import read_index_piece, write_index_piece, write_query_vectors
+    from ray_influence.worker import Worker
 
     n_docs, n_parts, q, d, k = 4096, 8, 64, 32 * 32 * 48, 100  # 48 modules of 32 x 32
-    run = RunDir(tempfile.mkdtemp(prefix="bench-score-"))
+    root = tempfile.mkdtemp(prefix="bench-score-")
+    cfg = config_from_dict({"run_dir": root, "pretrained_model": root, "finetuned_model": root,
+                            "corpus": {"path": root}, "finetune_data": {"path": root}, "queries": {"path": root},
+                            "scoring": {"methods": ["grad_dot"], "top_k": k},
+                            "cluster": {"num_cpus_per_worker": args.threads}})
+    worker = Worker(cfg)
     f = InputFile("file:///bench.parquet", "bench.parquet", "parquet", "0")
     per = n_docs // n_parts
     parts = [Partition(f"p-{i:05d}", f, i * per, (i + 1) * per, i * per) for i in range(n_parts)]
     gen = torch.Generator().manual_seed(0)
     for p in parts:
         docs = [Document(j, "", j, j) for j in range(p.start, p.stop)]
-        write_index_piece(run, "pretrained", 0, p, docs, torch.randn(per, d, generator=gen), torch.float32, {})
+        write_index_piece(worker.run, "pretrained", 0, p, docs, torch.randn(per, d, generator=gen), torch.float32, {})
     u = torch.randn(q, d, generator=gen)
+    qcfg = SimpleNamespace(prompt_column="prompt", completion_column="completion")
+    write_query_vectors(worker.run, 0, [f"q{i}" for i in range(q)], [{"prompt": "", "completion": ""}] * q, qcfg,
+                        {"grad_dot": u})
 
     def full():
-        best = None
+        best: dict = {}
         for p in parts:
-            g, _, rows = read_index_piece(run, "pretrained", 0, p)
-            s = u.to(torch.float64) @ g.to(torch.float64).T
-            part_top = top_k(s, k, rows)
-            if best is None:
-                best = part_top
-            else:
-                best = top_k(torch.cat([best[0], part_top[0]], 1), k, torch.cat([best[1], part_top[1]], 1))
+            part_top = worker.score(p, ["grad_dot"], k)
+            best = merge_topk(k, *([best, part_top] if best else [part_top]))
+        return best
 
-    pieces = [read_index_piece(run, "pretrained", 0, p)[0] for p in parts]
-    u64 = u.to(torch.float64)
+    pieces = [read_index_piece(worker.run, "pretrained", 0, p)[0] for p in parts]
+    u32 = u.to(pieces[0].dtype)  # the worker scores float32 pieces in float32
 
     def bare():
         for g in pieces:
-            u64 @ g.to(torch.float64).T
+            u32 @ g.T
 
-    t_full, t_bare = median_time(full, args.repeats), median_time(bare, args.repeats)
-    return {"docs": n_docs, "queries": q, "width": d, "top_k": k,
+    times = {"full": [], "bare": []}
+    full(), bare()  # warm-up
+    for _ in range(args.repeats):  # interleaved, so both see the same load
+        for key, fn in (("full", full), ("bare", bare)):
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    t_full, t_bare = statistics.median(times["full"]), statistics.median(times["bare"])
+    return {"docs": n_docs, "queries": q, "width": d, "top_k": k, "dtype": str(pieces[0].dtype),
             "scored_pairs_per_s": n_docs * q / t_full, "bare_matmul_pairs_per_s": n_docs * q / t_bare,
             "ratio": t_bare / t_full}
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .ekfac import aligned_empty
 from .modules import ModuleSpec
 
 KeepInput = Callable[[str, torch.Tensor], torch.Tensor]
@@ -32,9 +33,13 @@ def to_layout(x: torch.Tensor, token_mask: torch.Tensor, bias: bool) -> torch.Te
         bias: append the column of ones that stands for the bias.
     """
     m = token_mask.to(x.dtype)[..., None]  # [B, T, 1]
-    if bias:
-        x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-    return x * m
+    if not bias:
+        return x * m
+    # One write of the result (no concatenated copy), into rows aligned for the BLAS.
+    out = aligned_empty((*x.shape[:-1], x.shape[-1] + 1), x.dtype, x.device)
+    torch.mul(x, m, out=out[..., :-1])
+    out[..., -1:] = m
+    return out
 
 
 @contextmanager

@@ -57,15 +57,24 @@ class LambdaCollector:
             n: torch.zeros(b.q_g.shape[0], b.q_a.shape[0], dtype=ekfac.STATS_DTYPE) for n, b in bases.items()
         }
         self._docs = 0
+        self._converted: dict = {}
 
     def add_docs(self, n_docs: int) -> None:
         self._docs += n_docs
 
+    def _basis(self, name: str, which: str, like: torch.Tensor) -> torch.Tensor:
+        """``Q_A`` or ``Q_G`` on ``like``'s device and dtype, converted once per pass."""
+        key = (name, which, like.device, like.dtype)
+        if key not in self._converted:
+            q = getattr(self._bases[name], which)
+            self._converted[key] = ekfac.aligned_empty(q.shape, like.dtype, like.device).copy_(q)
+        return self._converted[key]
+
     def keep_input(self, name: str, a: torch.Tensor) -> torch.Tensor:
-        return ekfac.rotate_activations(a, self._bases[name].q_a.to(a.device))
+        return ekfac.rotate_activations(a, self._basis(name, "q_a", a))
 
     def on_grad(self, name: str, a_rot: torch.Tensor, g: torch.Tensor) -> None:
-        g_rot = ekfac.rotate_gradients(g, self._bases[name].q_g.to(g.device))
+        g_rot = ekfac.rotate_gradients(g, self._basis(name, "q_g", g))
         self._lam[name] += ekfac.lambda_sum(a_rot, g_rot).cpu() / self.samples
 
     def result(self) -> dict[str, ekfac.LambdaStats]:

@@ -41,6 +41,17 @@ AUTO_DAMPING_FACTOR = 0.1
 """``damping: auto`` is this factor times mean(Λ) per module (kronfluence's heuristic);
 ``auto*C`` scales it by C."""
 
+ROW_ALIGN = 16
+"""Rows of work buffers start every ``ROW_ALIGN`` elements (64 bytes in float32): a width
+such as ``d_in' = 1025`` otherwise puts every row off the cache-line grid, which makes
+the BLAS products on it measurably slower (see :func:`aligned_empty`)."""
+
+OUTER_BLOCK = 256
+"""Column block of :func:`outer_sum`: only the blocks on and above the diagonal are multiplied."""
+
+LAMBDA_CHUNK = 1 << 20
+"""Elements of ``Q_G^T DW Q_A`` held at once by :func:`lambda_sum` (a few documents, cache-sized)."""
+
 
 class Fisher(str, enum.Enum):
     """Which labels the covariance and Λ passes back-propagate."""
@@ -118,15 +129,37 @@ def sum_stats(parts: Sequence):
     return total
 
 
+def aligned_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor whose rows (last axis) start every :data:`ROW_ALIGN` elements.
+
+    A view into a buffer whose last axis is rounded up; leading axes stay mergeable, so
+    ``x.reshape(-1, shape[-1])`` is still a view.
+    """
+    *lead, d = shape
+    padded = -(-d // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty((*lead, padded), dtype=dtype, device=device)[..., :d]
+
+
 def outer_sum(x: torch.Tensor) -> torch.Tensor:
     """``sum_{b,t} x_bt x_bt^T`` of one batch: ``[B, T, d] -> [d, d]`` float64 (padding rows are zero).
 
     The batch's product runs in the input's precision, at least float32 (one batch sums
-    a few thousand tokens); the caller accumulates batches in float64.
+    a few thousand tokens); the caller accumulates batches in float64. Above
+    ``2 * OUTER_BLOCK`` columns only the blocks on and above the diagonal are multiplied
+    and the rest is mirrored (about 0.6x the multiplications of ``x^T x``).
     """
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])  # [n, d]
     x2 = x2.to(torch.promote_types(x2.dtype, torch.float32))
-    return (x2.T @ x2).to(STATS_DTYPE)
+    d = x2.shape[1]
+    if d <= 2 * OUTER_BLOCK:
+        return (x2.T @ x2).to(STATS_DTYPE)
+    out = torch.empty(d, d, dtype=STATS_DTYPE, device=x2.device)
+    for i in range(0, d, OUTER_BLOCK):
+        j = min(i + OUTER_BLOCK, d)
+        rows = (x2[:, i:j].T @ x2[:, i:]).to(STATS_DTYPE)  # [j-i, d-i]: rows i..j, columns i..d
+        out[i:j, i:] = rows
+        out[j:, i:j] = rows[:, j - i:].T
+    return out
 
 
 # ------------------------------------------------------------------------- eigenbasis
@@ -165,19 +198,28 @@ def eigenbasis(stats: CovarianceStats) -> Eigenbasis:
     return Eigenbasis(q_a=q_a, s_a=s_a, q_g=q_g, s_g=s_g)
 
 
+def _rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x Q`` for ``x: [..., d]``, ``Q: [d, d]``, into an :func:`aligned_empty` result."""
+    q = q.to(device=x.device, dtype=x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])  # [n, d]
+    out = aligned_empty((x2.shape[0], q.shape[1]), x.dtype, x.device)
+    torch.mm(x2, q, out=out)
+    return out.unflatten(0, x.shape[:-1])  # [..., d], still a view
+
+
 def rotate_activations(a: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
     """``a Q_A``: activations in A's eigenbasis, ``[B, T, d_in'] -> [B, T, d_in']``."""
-    return a @ q_a.to(a.dtype)
+    return _rotate(a, q_a)
 
 
 def rotate_gradients(g: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
     """``g Q_G``: output-gradients in G's eigenbasis, ``[B, T, d_out] -> [B, T, d_out]``."""
-    return g @ q_g.to(g.dtype)
+    return _rotate(g, q_g)
 
 
 def per_doc_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``DW_b = sum_t g_t a_t^T``: ``[B, T, d_in'], [B, T, d_out] -> [B, d_out, d_in']``."""
-    return torch.einsum("bto,bti->boi", g, a)
+    return torch.bmm(g.transpose(1, 2), a)  # einsum("bto,bti->boi", g, a)
 
 
 def lambda_sum(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
@@ -191,8 +233,15 @@ def lambda_sum(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
         ``sum_b (Q_G^T DW_b Q_A)^2`` as ``[d_out, d_in']`` float64.
     """
     work = torch.promote_types(a_rot.dtype, torch.float32)  # one batch in >= float32; batches add in float64
-    dw_rot = per_doc_gradients(a_rot.to(work), g_rot.to(work))  # [B, d_out, d_in']
-    return dw_rot.square().sum(dim=0).to(STATS_DTYPE)
+    a_rot, g_rot = a_rot.to(work), g_rot.to(work)
+    n_docs, d_out, d_in = a_rot.shape[0], g_rot.shape[-1], a_rot.shape[-1]
+    total = torch.zeros(d_out, d_in, dtype=work, device=a_rot.device)
+    # A few documents at a time, so each chunk of DW_rot is squared while still in cache.
+    step = max(1, LAMBDA_CHUNK // (d_out * d_in))
+    for b in range(0, n_docs, step):
+        dw_rot = per_doc_gradients(a_rot[b:b + step], g_rot[b:b + step])  # [step, d_out, d_in']
+        total += dw_rot.square().sum(dim=0)
+    return total.to(STATS_DTYPE)
 
 
 # ---------------------------------------------------------------------------- factors

@@ -49,19 +49,58 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _sample_targets(logits: torch.Tensor, batch: Batch, seed: int, pass_name: str, samples: int) -> torch.Tensor:
-    """Labels drawn from the model, ``[S, B, T-1]`` (positions not in the loss are 0)."""
-    probs = torch.softmax(logits.detach(), dim=-1)  # [B, T-1, V]
-    targets_mask = batch.loss_mask[:, 1:]
-    out = torch.zeros((samples, *targets_mask.shape), dtype=torch.long, device=logits.device)
+def _finite_positions(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: whether every logit at a position is finite.
+
+    A finite sum over the vocabulary means every term is finite (inf and NaN propagate),
+    which one fast reduction settles for almost every position; only positions whose sum
+    is not finite (a non-finite logit, or an overflowing sum) are checked term by term.
+    """
+    finite = torch.isfinite(logits.sum(-1))  # [B, T]
+    if not bool(finite.all()):
+        finite = torch.isfinite(logits).all(-1)
+    return finite
+
+
+def _label_uniforms(batch: Batch, seed: int, pass_name: str, samples: int) -> torch.Tensor:
+    """``u ~ U[0, 1)``, ``[B, T-1, S]`` float64 on the CPU (0 at positions not in the loss).
+
+    Row ``b`` draws ``[n_b, S]`` numbers (``n_b`` its loss positions, in order) from its own
+    CPU generator, seeded from ``(seed, pass name, row key)``: they depend neither on the
+    batch the row is in nor on the device.
+    """
+    targets_mask = batch.loss_mask[:, 1:].cpu()
+    u = torch.zeros((*targets_mask.shape, samples), dtype=torch.float64)
     for row, key in enumerate(batch.keys):
         pos = targets_mask[row].nonzero(as_tuple=True)[0]
         if len(pos) == 0:
             continue
-        gen = torch.Generator(device=logits.device).manual_seed(stable_seed("labels", seed, pass_name, key))
-        drawn = torch.multinomial(probs[row, pos], samples, replacement=True, generator=gen)  # [n_pos, S]
-        out[:, row, pos] = drawn.T
-    return out
+        gen = torch.Generator().manual_seed(stable_seed("labels", seed, pass_name, key))
+        u[row, pos] = torch.rand((len(pos), samples), generator=gen, dtype=torch.float64)
+    return u
+
+
+def _sample_targets(logits: torch.Tensor, batch: Batch, seed: int, pass_name: str, samples: int) -> torch.Tensor:
+    """Labels drawn from the model, ``[S, B, T-1]`` (positions not in the loss are 0).
+
+    Inverse-CDF sampling of the whole batch at once: with ``c`` the cumulative softmax of
+    a position normalised to end at 1, draw ``y = min{v : c_v >= u}`` for each of its
+    uniforms (:func:`_label_uniforms`). This is the rule of CPU ``torch.multinomial(p, S,
+    replacement=True)`` for ``S > 1`` with the same uniforms in the same order, so for
+    several samples and float64 logits the labels are the ones a per-row multinomial drew
+    (tests/test_passes.py); one ``[B, T-1, V]`` scan replaces a multinomial per row (and,
+    for ``S = 1``, the V exponential variates per position that torch draws then).
+
+    Args:
+        logits: ``[B, T-1, V]`` logits predicting positions 1..T-1.
+    """
+    targets_mask = batch.loss_mask[:, 1:]
+    cdf = torch.softmax(logits.detach(), dim=-1).cumsum_(-1)  # [B, T-1, V]
+    cdf.div_(cdf[..., -1:].clone())
+    cdf[..., -1] = 1  # the last bucket ends at exactly 1, whatever the round-off
+    u = _label_uniforms(batch, seed, pass_name, samples).to(device=logits.device, dtype=cdf.dtype)  # [B, T-1, S]
+    drawn = torch.searchsorted(cdf, u)  # [B, T-1, S]: first v with cdf_v >= u
+    return torch.where(targets_mask[..., None], drawn, 0).permute(2, 0, 1)
 
 
 def run_pass(
@@ -133,7 +172,7 @@ def loss_terms(
     logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]
     weights = batch.loss_mask[:, 1:].to(logp.dtype)  # [B, T-1]
     data_loss = -(logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) * weights).sum(-1)
-    finite = torch.isfinite(data_loss) & (torch.isfinite(logits).all(-1) | ~batch.token_mask).all(-1)
+    finite = torch.isfinite(data_loss) & (_finite_positions(logits.detach()) | ~batch.token_mask).all(-1)
     if not bool(finite.all()):
         return torch.where(finite, data_loss, torch.nan).detach().to(torch.float64).cpu(), None
     if labels is Labels.DATA:

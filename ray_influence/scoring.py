@@ -133,6 +133,60 @@ def scores(u: torch.Tensor, docs: torch.Tensor, cosine: bool = False, doc_sqnorm
     return out
 
 
+def score_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype scores are computed in for documents stored as ``stored``.
+
+    float64 pieces (exact mode, the tests' ground truth) are scored in float64; float32,
+    bfloat16 and float16 pieces in float32, which holds more precision than any of them
+    stores (each score is one dot product; a float32 sum over ``D`` terms has a relative
+    error around ``1e-7 * sqrt(D)``, far below the noise of a k-dimensional projection).
+    """
+    return torch.float64 if stored == torch.float64 else torch.float32
+
+
+class BlockScores:
+    """Scores of flat query vectors against document rows that arrive block by block.
+
+    Args:
+        vectors: ``{method: u [Q, D]}`` flat query vectors (any float dtype).
+
+    Feed ``add(block)`` with consecutive ``[n_i, D]`` blocks of the documents; ``result()``
+    is ``{method: [Q, sum_i n_i]}`` float64, in block order.
+    """
+
+    def __init__(self, vectors: Mapping[str, torch.Tensor]):
+        self._vectors = dict(vectors)
+        self._cast: dict = {}
+        self._parts: dict[str, list[torch.Tensor]] = {m: [] for m in self._vectors}
+
+    def _u(self, method: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (method, dtype, device)
+        if key not in self._cast:  # converted once per piece, not once per block
+            self._cast[key] = self._vectors[method].to(device=device, dtype=dtype)
+        return self._cast[key]
+
+    def add(self, block: torch.Tensor) -> None:
+        work = score_dtype(block.dtype)
+        docs = block.to(work)  # [n, D]; a no-op for float32 and float64 pieces
+        for m, parts in self._parts.items():
+            u = self._u(m, work, docs.device)
+            if u.shape[1] != docs.shape[1]:
+                raise ValueError(f"query width {u.shape[1]} does not match document width {docs.shape[1]}")
+            parts.append(u @ docs.T)  # [Q, n]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {m: (torch.cat(p, dim=1) if p else torch.zeros(self._vectors[m].shape[0], 0)).to(torch.float64)
+                for m, p in self._parts.items()}
+
+
+def _sorted_top_k(values: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference top-k: two full stable sorts (by position, then by score descending)."""
+    by_pos = torch.argsort(positions, dim=1, stable=True)
+    values, positions = torch.gather(values, 1, by_pos), torch.gather(positions, 1, by_pos)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, : min(k, values.shape[1])]
+    return torch.gather(values, 1, order), torch.gather(positions, 1, order)
+
+
 def top_k(values: torch.Tensor, k: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` per row of ``values: [Q, M]``, descending; ties go to the lower position.
 
@@ -155,9 +209,19 @@ def top_k(values: torch.Tensor, k: int, positions: torch.Tensor | None = None) -
         positions = positions.expand(values.shape[0], -1)
     if values.shape[1] == 0:
         return values, positions
-    # Sort by position, then stable-sort by score: equal scores stay in corpus order, so the
-    # result does not depend on partitioning or on the order partials arrive in.
-    by_pos = torch.argsort(positions, dim=1, stable=True)
-    values, positions = torch.gather(values, 1, by_pos), torch.gather(positions, 1, by_pos)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, : min(k, values.shape[1])]
-    return torch.gather(values, 1, order), torch.gather(positions, 1, order)
+    kk = min(k, values.shape[1])
+    # Equal scores stay in corpus order, so the result does not depend on partitioning or on
+    # the order partials arrive in. torch.topk picks the k largest; where exactly k values
+    # reach the k-th largest, that set is the answer and only its k members need the stable
+    # ordering. Rows with a tie across the cut (or NaN) take the two full stable sorts.
+    cand = torch.topk(values, kk, dim=1, sorted=False).indices  # [Q, kk]
+    cand_values, cand_positions = torch.gather(values, 1, cand), torch.gather(positions, 1, cand)
+    cut = cand_values.min(dim=1, keepdim=True).values  # [Q, 1]
+    out_values, out_positions = _sorted_top_k(cand_values, cand_positions, kk)
+    ambiguous = (values >= cut).sum(dim=1) != kk  # [Q]
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero(as_tuple=True)[0]
+        v, p = _sorted_top_k(values[rows], positions[rows], kk)
+        out_values, out_positions = out_values.clone(), out_positions.clone()
+        out_values[rows], out_positions[rows] = v, p
+    return out_values, out_positions

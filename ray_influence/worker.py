@@ -29,11 +29,11 @@ from .pipeline import ShardLost, ShardSession, pipelined_batches
 from .shard_peer import CRASH_PEER_ONCE_ENV, ShardPeer
 from .projection import make_projection, project_matrix
 from .rundir import RunDir
-from .scoring import Method, finite_rows, flatten, index_width, query_vectors, top_k
+from .scoring import BlockScores, Method, finite_rows, flatten, index_width, query_vectors, top_k
 from .store import (
+    IndexPieceReader,
     factors_rel,
     queries_rel,
-    read_index_piece,
     read_query_vectors,
     write_docs_piece,
     write_index_piece,
@@ -99,6 +99,7 @@ class Worker(ShardPeer):
         self._queries_cache: tuple[str, dict] | None = None
         self._sessions: dict[str, tuple[ShardSession, PassPlan]] = {}
         self._held: dict[str, torch.Tensor] = {}
+        self._piece_reader: IndexPieceReader | None = None
         if cfg.cluster.num_cpus_per_worker >= 1 and self.device.type == "cpu":
             torch.set_num_threads(int(cfg.cluster.num_cpus_per_worker))
 
@@ -488,24 +489,28 @@ class Worker(ShardPeer):
     def partial_scores(self, part: Partition, methods: Sequence[str]) -> tuple[dict, torch.Tensor]:
         """This shard's partial scores of one partition (summed over shards later).
 
-        Each index piece is read once, however many methods score against it.
+        Each index piece is streamed once (:class:`~ray_influence.store.IndexPieceReader`:
+        read and checksum in a background thread, overlapped with the matmuls), however
+        many methods score against it.
 
         Returns:
-            ``({method: (scores [Q, N], doc sqnorm [N], query sqnorm [Q])}, rows within the file [N])``.
+            ``({method: (scores [Q, N] float64, doc sqnorm [N], query sqnorm [Q])}, rows within the file [N])``.
         """
         qv = self._query_vectors()
-        pieces = {}
-        out = {}
+        by_stage: dict[str, list[str]] = {}
         for m in methods:
             method = Method.parse(m)
-            stage = method.doc_model
-            if stage not in pieces:
-                pieces[stage] = read_index_piece(self.run, stage, self.shard, part)
-            grads, sqnorm, _ = pieces[stage]
-            u = qv["vectors"][method.value].to(torch.float64)
-            out[method.value] = (u @ grads.to(torch.float64).T, sqnorm, u.square().sum(1))
-        rows = next(iter(pieces.values()))[2]  # every stage's piece holds the same rows
-        return out, rows
+            by_stage.setdefault(method.doc_model, []).append(method.value)
+        if self._piece_reader is None:
+            self._piece_reader = IndexPieceReader(self.run)
+        out, rows = {}, None
+        for stage, names in by_stage.items():
+            block_scores = BlockScores({m: qv["vectors"][m] for m in names})
+            sqnorm, rows = self._piece_reader.scan(stage, self.shard, part, block_scores.add)
+            out.update({m: (s, sqnorm, qv["vectors"][m].to(torch.float64).square().sum(1))
+                        for m, s in block_scores.result().items()})
+        order = [Method.parse(m).value for m in methods]
+        return {m: out[m] for m in order}, rows  # every stage's piece holds the same rows
 
     def score(self, part: Partition, methods: Sequence[str], k: int) -> dict:
         """Top-k of one partition per method: ``{method: (values [Q, k'], global positions [Q, k'])}``.

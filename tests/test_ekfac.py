@@ -186,3 +186,27 @@ def test_lambda_pass_uses_the_given_basis(model64):
     lam = lambda_pass(model64, docs, {name: spec}, {name: eye}, Fisher.EMPIRICAL)[name]
     dw = document_gradients(model64, docs, {name: spec}).grads[name]
     assert rel(lam.lam_sum, dw.square().sum(0)) < EXACT and lam.n_docs == 3
+
+
+def test_blocked_outer_sum_and_chunked_lambda_sum_are_the_plain_products():
+    gen = torch.Generator().manual_seed(0)
+    d = 2 * ekfac.OUTER_BLOCK + 37  # takes the blocked path, with a ragged last block
+    x = torch.randn(3, 40, d, generator=gen, dtype=torch.float64)
+    x2 = x.reshape(-1, d)
+    got = ekfac.outer_sum(x)
+    assert rel(got, x2.T @ x2) < EXACT and torch.equal(got, got.T)
+    a = torch.randn(9, 6, 300, generator=gen, dtype=torch.float64)  # more documents than one Λ chunk holds
+    g = torch.randn(9, 6, 400, generator=gen, dtype=torch.float64)
+    assert ekfac.LAMBDA_CHUNK // (300 * 400) < 9
+    want = torch.einsum("bto,bti->boi", g, a).square().sum(0)
+    assert rel(ekfac.lambda_sum(a, g), want) < EXACT
+
+
+def test_rotations_on_aligned_rows():
+    gen = torch.Generator().manual_seed(1)
+    a = ekfac.aligned_empty((2, 5, 33), torch.float64, "cpu")
+    a.copy_(torch.randn(2, 5, 33, generator=gen, dtype=torch.float64))
+    assert a.stride(-2) % ekfac.ROW_ALIGN == 0 and a.reshape(-1, 33)._base is not None
+    q = random_orthogonal(33, gen)
+    got = ekfac.rotate_activations(a, q)
+    assert got.shape == (2, 5, 33) and rel(got, a @ q) < EXACT

@@ -62,3 +62,51 @@ def test_top_k_is_descending_and_stable():
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="'tracin'"):
         Method.parse("tracin")
+
+
+def reference_top_k(values: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[list, list]:
+    """Top-k by plain Python sorting on (-score, position): the documented order."""
+    vals, poss = [], []
+    for v_row, p_row in zip(values.tolist(), positions.tolist()):
+        best = sorted(zip(v_row, p_row), key=lambda vp: (-vp[0], vp[1]))[:k]
+        vals.append([v for v, _ in best])
+        poss.append([p for _, p in best])
+    return vals, poss
+
+
+@pytest.mark.parametrize("levels", [3, 40, 0])  # few distinct scores (many ties), some, all distinct
+@pytest.mark.parametrize("k", [1, 5, 37, 200])
+def test_top_k_matches_a_plain_sort_including_ties(levels, k):
+    gen = torch.Generator().manual_seed(levels * 1000 + k)
+    q, m = 6, 150
+    values = torch.randn(q, m, generator=gen, dtype=torch.float64)
+    if levels:
+        values = torch.randint(0, levels, (q, m), generator=gen).to(torch.float64)
+    positions = torch.stack([torch.randperm(10 * m, generator=gen)[:m] for _ in range(q)])  # scrambled, unique
+    got_v, got_p = top_k(values, k, positions)
+    want_v, want_p = reference_top_k(values, positions, k)
+    assert got_p.tolist() == want_p, f"levels={levels} k={k}: positions differ"
+    assert got_v.tolist() == want_v
+    shared = torch.randperm(m, generator=gen)  # one [M] positions vector for every row
+    got_v, got_p = top_k(values, k, shared)
+    want_v, want_p = reference_top_k(values, shared.expand(q, -1), k)
+    assert got_p.tolist() == want_p and got_v.tolist() == want_v
+
+
+def test_block_scores_equal_one_matmul():
+    from ray_influence.scoring import BlockScores
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 50, generator=gen, dtype=torch.float64)
+    docs = torch.randn(23, 50, generator=gen, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+        stored = docs.to(dtype)
+        bs = BlockScores({"a": u, "b": 2 * u})
+        for r0 in range(0, 23, 7):
+            bs.add(stored[r0:r0 + 7])
+        out = bs.result()
+        want = u @ stored.to(torch.float64).T
+        assert out["a"].dtype == torch.float64 and out["a"].shape == (3, 23)
+        err = ((out["a"] - want).abs().max() / want.abs().max()).item()
+        assert err < tol, f"{dtype}: relative error {err:.2e}"
+        assert torch.equal(out["b"], 2 * out["a"]) or ((out["b"] - 2 * out["a"]).abs().max() < 1e-5)
