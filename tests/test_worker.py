@@ -72,8 +72,9 @@ def test_streamed_piece_equals_the_whole_read_and_is_checked(tmp_path):
     worker.queries(["grad_dot"])
     u = read_query_vectors(worker.run, 0)["vectors"]["grad_dot"]
     partial, got_rows = worker.partial_scores(part, ["grad_dot"])
-    scores, got_sq = partial["grad_dot"]
+    scores, got_sq, query_sq = partial["grad_dot"]
     assert torch.allclose(scores, u @ grads.T, rtol=1e-12, atol=0) and torch.equal(got_rows, rows)
+    assert torch.equal(got_sq, sqnorm) and torch.allclose(query_sq, u.square().sum(1), rtol=1e-12, atol=0)
     # Damage after the blocks were handed out is still caught before scan returns.
     path = tmp_path / "run" / index_rel("pretrained", 0, part.key)
     good = path.read_bytes()
