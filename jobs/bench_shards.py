@@ -45,19 +45,17 @@ def build(root: Path, args) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ray_influence.toy import perturbed_copy, tiny_model, word_tokenizer
+    from ray_influence.toy import save_toy_pair, tiny_model, word_text, word_tokenizer
 
     words = [f"w{i}" for i in range(4000)]
     tok = word_tokenizer([" ".join(words)])
     pt = tiny_model("gpt_neox", MODEL["vocab"], MODEL["hidden"], MODEL["layers"], MODEL["heads"], positions=512)
     n_params = sum(p.numel() for p in pt.parameters())
-    for name, m in (("pt", pt), ("ft", perturbed_copy(pt))):
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    save_toy_pair(root, pt, tok)
     rng = random.Random(0)
 
     def text() -> str:
-        return " ".join(rng.choice(words) for _ in range(rng.randint(args.min_len, args.max_len)))
+        return word_text(rng, words, args.min_len, args.max_len)
 
     pq.write_table(pa.table({"doc_id": list(range(args.docs)), "text": [text() for _ in range(args.docs)]}),
                    root / "corpus.parquet")

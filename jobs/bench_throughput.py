@@ -196,20 +196,18 @@ def bench_job(args) -> dict:
 
     from ray_influence.config import config_from_dict
     from ray_influence.driver import run_job
-    from ray_influence.toy import perturbed_copy, word_tokenizer
+    from ray_influence.toy import save_toy_pair, word_text, word_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bench-job-"))
     words = [f"w{i}" for i in range(2000)]
     tok = word_tokenizer([" ".join(words)])
     spec = MODELS["small"]
     pt = tiny_model("gpt_neox", len(tok), spec["hidden"], spec["layers"], spec["heads"], positions=512)
-    for name, m in (("pt", pt), ("ft", perturbed_copy(pt))):
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    save_toy_pair(root, pt, tok)
     rng = random.Random(0)
 
     def text() -> str:
-        return " ".join(rng.choice(words) for _ in range(rng.randint(args.min_len, args.max_len)))
+        return word_text(rng, words, args.min_len, args.max_len)
 
     (root / "ft.jsonl").write_text("".join(json.dumps({"prompt": text()[:200], "completion": " w1 w2"}) + "\n"
                                           for _ in range(32)))

@@ -8,7 +8,7 @@ checkpoints.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from transformers import (
@@ -126,3 +126,17 @@ def perturbed_copy(model: PreTrainedModel, scale: float = 0.05, seed: int = 1) -
             p.add_(scale * p.detach().abs().mean() * noise)
     return out
 
+
+
+def save_toy_pair(root, model: PreTrainedModel, tokenizer, scale: float = 0.05) -> None:
+    """Saves ``model`` as ``root/pt`` and a :func:`perturbed_copy` as ``root/ft``, each with the tokenizer."""
+    from pathlib import Path
+
+    for name, m in (("pt", model), ("ft", perturbed_copy(model, scale))):
+        m.save_pretrained(Path(root) / name)
+        tokenizer.save_pretrained(Path(root) / name)
+
+
+def word_text(rng, words: Sequence[str], min_words: int, max_words: int) -> str:
+    """A random text of ``min_words``..``max_words`` words drawn from ``words`` (benchmarks)."""
+    return " ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words)))
