@@ -108,6 +108,20 @@ def index_width(specs: Mapping[str, ModuleSpec], dim: int) -> int:
     return sum(dim * dim if dim else s.d_out * s.d_in_aug for s in specs.values())
 
 
+def scatter_rows(grads: PerModule, names: Sequence[str], order: Sequence[int], rows: Sequence[int],
+                 n_docs: int) -> torch.Tensor:
+    """``[n_docs, width]`` flat index rows from per-module gradients in collector order.
+
+    Args:
+        order: the permutation from collector order to input order.
+        rows: the input positions the gradients belong to; the other rows stay 0.
+    """
+    computed = flatten({n: g[list(order)] for n, g in grads.items()}, names)
+    flat = torch.zeros(n_docs, computed.shape[1], dtype=computed.dtype)
+    flat[list(rows)] = computed
+    return flat
+
+
 def finite_rows(flat: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     """``[N]`` bool: True at ``rows`` of ``flat`` ``[N, D]`` that are finite everywhere."""
     finite = torch.zeros(flat.shape[0], dtype=torch.bool)

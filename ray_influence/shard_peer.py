@@ -25,7 +25,7 @@ from .data import Document, Partition
 from .modules import ModuleSpec
 from .models import parse_dtype
 from .pipeline import ShardLost, ShardSession, Step
-from .scoring import finite_rows, flatten, index_width
+from .scoring import finite_rows, index_width, scatter_rows
 from .store import read_index_piece, write_index_piece, write_query_vectors
 
 CRASH_PEER_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_PEER_ONCE"
@@ -50,26 +50,24 @@ class ShardPeer:
         except ray.exceptions.RayActorError as err:
             raise ShardLost(f"a shard of this replica died: {err}") from None
 
-
     def _peer_results(self, method: str, sid: str, *args) -> list:
         """``peer.<method>(sid, *args)`` on every peer, as Ray object refs."""
         return [getattr(p, method).remote(sid, *args) for p in self.peers]
 
-
     def open_session(self, sid: str, stage: str, kind: str, *args) -> None:
         """Peer shard: opens pass ``sid`` with this shard's own collector (see :meth:`_plan`)."""
         plan = self._plan(stage, kind, *args)
-        e = self.cfg.ekfac
-        session = ShardSession(self.model(stage), self.specs(stage), plan.collector, plan.labels, e.seed,
-                               FISHER_LABEL_STREAM, plan.on_batch)
-        self._sessions[sid] = (session, plan, kind)
+        self._sessions[sid] = (self._session_for(stage, plan), plan, kind)
 
+    def _session_for(self, stage: str, plan) -> ShardSession:
+        """This shard's :class:`ShardSession` of one pass into ``plan`` (head and peers alike)."""
+        return ShardSession(self.model(stage), self.specs(stage), plan.collector, plan.labels, self.cfg.ekfac.seed,
+                            FISHER_LABEL_STREAM, plan.on_batch)
 
     def _session(self, sid: str) -> tuple:
         if sid not in self._sessions:  # this actor restarted: the pass must start over
             raise ShardLost(f"shard {self.shard} has no pass {sid} (restarted?)")
         return self._sessions[sid]
-
 
     def shard_forward(self, sid: str, bid: int, batch, hidden: torch.Tensor):
         session, _, kind = self._session(sid)
@@ -79,43 +77,32 @@ class ShardPeer:
             os._exit(1)
         return session.forward(bid, batch, hidden)
 
-
     def shard_backward(self, sid: str, bid: int, step: Step) -> Step:
         return self._session(sid)[0].backward(bid, step)
-
 
     def close_session(self, sid: str) -> None:
         self._sessions.pop(sid, None)
         self._held.pop(sid, None)
 
-
     def close_all_sessions(self) -> None:
         self._sessions.clear()
         self._held.clear()
-
 
     def _pop_session(self, sid: str) -> tuple:
         out = self._session(sid)
         del self._sessions[sid]
         return out
 
-
     def session_result(self, sid: str):
         """Peer shard: the collector's result of pass ``sid`` (the session is closed)."""
         return self._pop_session(sid)[1].collector.result()
 
-
     def index_rows(self, sid: str, rows: list[int], n_docs: int, order: list[int]) -> torch.Tensor:
         """Peer shard: builds its flat index rows of pass ``sid``; returns which are finite ``[n_docs]``."""
         session, plan, _ = self._pop_session(sid)
-        stage_specs = session.specs
-        grads = plan.collector.result()
-        computed = flatten({n: g[order] for n, g in grads.items()}, list(stage_specs))
-        flat = torch.zeros(n_docs, computed.shape[1], dtype=computed.dtype)
-        flat[rows] = computed
+        flat = scatter_rows(plan.collector.result(), list(session.specs), order, rows, n_docs)
         self._held[sid] = flat
         return finite_rows(flat, rows)
-
 
     def write_index(self, sid: str, stage: str, part: Partition, docs: Sequence[Document], keep: torch.Tensor,
                     provenance: dict) -> dict:
@@ -126,12 +113,10 @@ class ShardPeer:
         return write_index_piece(self.run, stage, self.shard, part, docs, flat[keep],
                                  parse_dtype(self.cfg.projection.dtype), provenance)
 
-
     def write_empty_index(self, stage: str, part: Partition, provenance: dict) -> dict:
         flat = torch.zeros(0, index_width(self.specs(stage), self.cfg.projection.dim))
         return write_index_piece(self.run, stage, self.shard, part, [], flat, parse_dtype(self.cfg.projection.dtype),
                                  provenance)
-
 
     def write_queries(self, sid: str, order: list[int], ids: list, recs: list[dict], methods: list[str]) -> dict:
         """Peer shard: preconditions and writes its query vectors of pass ``sid``."""
@@ -139,16 +124,13 @@ class ShardPeer:
         vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
         return write_query_vectors(self.run, self.shard, ids, recs, self.cfg.queries, vectors)
 
-
     def shard_specs(self, stage: str) -> list[ModuleSpec]:
         return list(self.specs(stage).values())
-
 
     def shard_doc_sqnorms(self, stage: str, part: Partition) -> tuple[torch.Tensor, torch.Tensor]:
         """This shard's part of each document's squared index norm, and the rows."""
         _, sq, rows = read_index_piece(self.run, stage, self.shard, part)
         return sq, rows
-
 
     def shard_query_sqnorms(self) -> dict[str, torch.Tensor]:
         return {m: v.to(torch.float64).square().sum(1) for m, v in self._query_vectors()["vectors"].items()}

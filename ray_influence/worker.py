@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from . import attribution, ekfac
-from .attribution import FISHER_LABEL_STREAM, PassPlan
+from .attribution import PassPlan
 from .config import Config
 from .data import Document, Partition, read_partition, read_records
 from .ekfac import Fisher
@@ -29,7 +29,7 @@ from .pipeline import ShardLost, ShardSession, pipelined_batches
 from .shard_peer import CRASH_PEER_ONCE_ENV, ShardPeer
 from .projection import make_projection, project_matrix
 from .rundir import RunDir
-from .scoring import BlockScores, Method, finite_rows, flatten, index_width, query_vectors, top_k
+from .scoring import BlockScores, Method, finite_rows, flatten, index_width, query_vectors, scatter_rows, top_k
 from .store import (
     IndexPieceReader,
     factors_rel,
@@ -255,8 +255,7 @@ class Worker(ShardPeer):
         import ray
 
         self._peer_get([p.open_session.remote(sid, stage, *a) for p, a in zip(self.peers, peer_args)])
-        head = ShardSession(self.model(stage), self.specs(stage), plan.collector, plan.labels, e.seed,
-                            FISHER_LABEL_STREAM, plan.on_batch)
+        head = self._session_for(stage, plan)
         try:
             kept, losses, skipped = pipelined_batches(head, self.peers, sid, examples, max_tokens)
         except ray.exceptions.RayActorError as err:
@@ -334,12 +333,11 @@ class Worker(ShardPeer):
             if examples:
                 plan = self._plan(stage, "gradients", True)
                 sid, kept, _, _ = self._run(stage, examples, plan, [("gradients", True)] * len(self.peers))
-                rows = _rows_of(examples, kept)
-                flat = self._index_flat(stage, plan.collector.result(), rows, len(docs), examples, kept)
+                rows, order = _rows_of(examples, kept), attribution.input_order(examples, kept)
+                flat = scatter_rows(plan.collector.result(), list(self.specs(stage)), order, rows, len(docs))
                 keep &= finite_rows(flat, rows)
                 if self.peers:
-                    for mask in self._peer_get(self._peer_results("index_rows", sid, rows, len(docs),
-                                                           attribution.input_order(examples, kept))):
+                    for mask in self._peer_get(self._peer_results("index_rows", sid, rows, len(docs), order)):
                         keep &= mask
                 sids[stage] = sid
             flats[stage] = flat
@@ -368,15 +366,6 @@ class Worker(ShardPeer):
             "truncated": sum(examples[i].truncated for i in kept_rows),
             "seconds": time.perf_counter() - t0,
         }
-
-    def _index_flat(self, stage: str, grads: dict, rows: list[int], n_docs: int, examples, kept) -> torch.Tensor:
-        """``[n_docs, width]`` flat index rows; rows not computed (non-finite forward) stay 0."""
-        specs = self.specs(stage)
-        order = attribution.input_order(examples, kept)
-        computed = flatten({n: g[order] for n, g in grads.items()}, list(specs))
-        flat = torch.zeros(n_docs, index_width(specs, self.cfg.projection.dim), dtype=computed.dtype)
-        flat[rows] = computed
-        return flat
 
     # --------------------------------------------------------------- queries
 
