@@ -47,9 +47,11 @@ MODELS = {  # GPT-NeoX style
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["small", "large"], choices=list(MODELS))
-    p.add_argument("--docs", type=int, default=64, help="documents per pass measurement")
+    p.add_argument("--docs", type=int, default=64, help="documents per pass measurement (of --min/--max-len)")
     p.add_argument("--min-len", type=int, default=64)
     p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--long", nargs=2, type=int, default=None, metavar=("MIN", "MAX"),
+                   help="also measure the passes on documents of MIN..MAX tokens (as many tokens in all)")
     p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per micro-batch")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
@@ -70,14 +72,21 @@ def random_docs(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[Exa
     return out
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved_times(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run in ``repeats`` rounds, after one warm-up round.
+
+    Every round runs each function once, in turn, so load that comes and goes on the
+    machine falls on all of them alike (rather than on whichever ran while it lasted).
+    """
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return times
 
 
 def training_step_pass(model, examples, max_tokens: int) -> None:
@@ -94,35 +103,40 @@ def training_step_pass(model, examples, max_tokens: int) -> None:
         model.requires_grad_(False)
 
 
-def bench_passes(name: str, args) -> dict:
+def bench_passes(name: str, args, lo: int, hi: int, n_docs: int) -> dict:
     spec = MODELS[name]
     model = freeze(tiny_model("gpt_neox", spec["vocab"], spec["hidden"], spec["layers"], spec["heads"],
-                              positions=max(512, args.max_len)))
+                              positions=max(512, hi)))
     n_params = sum(p.numel() for p in model.parameters())
     specs = find_tracked_modules(model)
-    docs = random_docs(args.docs, spec["vocab"], args.min_len, args.max_len)
+    docs = random_docs(n_docs, spec["vocab"], lo, hi)
     tokens = sum(len(d) for d in docs)
     cov = attribution.covariance_pass(model, docs[:8], specs, Fisher.TRUE)
     from ray_influence import ekfac
 
     bases = {n: ekfac.eigenbasis(c) for n, c in cov.items()}
     projs = {n: make_projection(s, args.dim, 0) for n, s in specs.items()}
+    query_docs = docs[:max(1, n_docs // 4)]
     runs = {
         "training_step": lambda: training_step_pass(model, docs, args.max_tokens),
         "covariance": lambda: attribution.covariance_pass(model, docs, specs, Fisher.TRUE, 1, 0, args.max_tokens),
         "lambda": lambda: attribution.lambda_pass(model, docs, specs, bases, Fisher.TRUE, 1, 0, args.max_tokens),
         "index": lambda: attribution.document_gradients(model, docs, specs, projs, args.max_tokens),
-        "query_exact": lambda: attribution.document_gradients(model, docs[:16], specs, None, args.max_tokens),
+        "query_exact": lambda: attribution.document_gradients(model, query_docs, specs, None, args.max_tokens),
     }
-    out = {"model": name, "params": n_params, "docs": len(docs), "tokens": tokens, "threads": args.threads}
-    for key, fn in runs.items():
-        t = median_time(fn, args.repeats)
-        n_tok = tokens if key != "query_exact" else sum(len(d) for d in docs[:16])
-        out[f"{key}_tokens_per_s"] = n_tok / t
+    times = interleaved_times(runs, args.repeats)
+    out = {"model": name, "params": n_params, "docs": len(docs), "lengths": [lo, hi], "tokens": tokens,
+           "threads": args.threads, "seconds": times}
+    for key, ts in times.items():
+        n_tok = tokens if key != "query_exact" else sum(len(d) for d in query_docs)
+        out[f"{key}_tokens_per_s"] = n_tok / statistics.median(ts)
     ref = out["training_step_tokens_per_s"]
     out["index_vs_training"] = out["index_tokens_per_s"] / ref
-    # covariance + Λ per token, in training steps (lower is better)
-    out["cov_plus_lambda_vs_training"] = ref / out["covariance_tokens_per_s"] + ref / out["lambda_tokens_per_s"]
+    # covariance + Λ per token, in training steps (lower is better): the median over rounds
+    # of each round's own ratio, and its range
+    per_round = [(c + lam) / t for c, lam, t in zip(times["covariance"], times["lambda"], times["training_step"])]
+    out["cov_plus_lambda_vs_training"] = statistics.median(per_round)
+    out["cov_plus_lambda_vs_training_range"] = [min(per_round), max(per_round)]
     return out
 
 
@@ -251,13 +265,17 @@ def bench_job(args) -> dict:
 def table(results: dict) -> str:
     lines = []
     for p in results.get("passes", []):
-        lines += [f"\n**{p['model']}** ({p['params'] / 1e6:.1f}M parameters, {p['docs']} docs, {p['tokens']} tokens, "
-                  f"{p['threads']} threads)\n", "| pass | tokens/s | vs training step |", "|---|---:|---:|"]
+        lo, hi = p["lengths"]
+        lines += [f"\n**{p['model']}** ({p['params'] / 1e6:.1f}M parameters, {p['docs']} docs of {lo}–{hi} tokens, "
+                  f"{p['tokens']} tokens, {p['threads']} threads)\n", "| pass | tokens/s | vs training step |",
+                  "|---|---:|---:|"]
         ref = p["training_step_tokens_per_s"]
         for key in ("training_step", "covariance", "lambda", "index", "query_exact"):
             v = p[f"{key}_tokens_per_s"]
             lines.append(f"| {key} | {v:,.0f} | {v / ref:.2f}x |")
-        lines.append(f"\ncovariance + Λ per token: {p['cov_plus_lambda_vs_training']:.2f} training steps")
+        r_lo, r_hi = p["cov_plus_lambda_vs_training_range"]
+        lines.append(f"\ncovariance + Λ per token: {p['cov_plus_lambda_vs_training']:.2f} training steps "
+                     f"(rounds: {r_lo:.2f}–{r_hi:.2f})")
     if "scoring" in results:
         s = results["scoring"]
         lines.append(f"\nscoring ({s['docs']} docs x {s['queries']} queries, width {s['width']}, top-{s['top_k']}): "
@@ -282,7 +300,11 @@ def main(args) -> int:
     torch.set_num_threads(args.threads)
     results: dict = {"args": vars(args), "torch": torch.__version__, "cpu_count": os.cpu_count()}
     if "passes" in args.sections:
-        results["passes"] = [bench_passes(m, args) for m in args.models]
+        results["passes"] = [bench_passes(m, args, args.min_len, args.max_len, args.docs) for m in args.models]
+        if args.long:
+            lo, hi = args.long
+            n_long = max(1, round(args.docs * (args.min_len + args.max_len) / (lo + hi)))  # as many tokens
+            results["passes"] += [bench_passes(m, args, lo, hi, n_long) for m in args.models]
     if "scoring" in args.sections:
         results["scoring"] = bench_scoring(args)
     if "job" in args.sections:

@@ -70,12 +70,21 @@ class LambdaCollector:
             self._converted[key] = ekfac.aligned_empty(q.shape, like.dtype, like.device).copy_(q)
         return self._converted[key]
 
-    def keep_input(self, name: str, a: torch.Tensor) -> torch.Tensor:
-        return ekfac.rotate_activations(a, self._basis(name, "q_a", a))
+    def keep_input(self, name: str, a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(a in A's eigenbasis, True)``, or ``(a, False)`` when ``DW`` is rotated instead."""
+        q_a = self._basis(name, "q_a", a)
+        d_out = self._bases[name].q_g.shape[0]
+        if ekfac.rotates_per_token(a.shape[1], a.shape[-1], d_out, self.samples)[0]:
+            return ekfac.rotate_activations(a, q_a), True
+        return a, False
 
-    def on_grad(self, name: str, a_rot: torch.Tensor, g: torch.Tensor) -> None:
-        g_rot = ekfac.rotate_gradients(g, self._basis(name, "q_g", g))
-        self._lam[name] += ekfac.lambda_sum(a_rot, g_rot).cpu() / self.samples
+    def on_grad(self, name: str, kept: tuple[torch.Tensor, bool], g: torch.Tensor) -> None:
+        a, a_rotated = kept
+        q_g = self._basis(name, "q_g", g)
+        if ekfac.rotates_per_token(g.shape[1], a.shape[-1], g.shape[-1], self.samples)[1]:
+            g, q_g = ekfac.rotate_gradients(g, q_g), None
+        q_a = None if a_rotated else self._basis(name, "q_a", a)
+        self._lam[name] += ekfac.lambda_sum(a, g, q_a, q_g).cpu() / self.samples
 
     def result(self) -> dict[str, ekfac.LambdaStats]:
         return {n: ekfac.LambdaStats(lam, self._docs) for n, lam in self._lam.items()}

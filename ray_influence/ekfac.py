@@ -222,24 +222,52 @@ def per_doc_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.bmm(g.transpose(1, 2), a)  # einsum("bto,bti->boi", g, a)
 
 
-def lambda_sum(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
+def rotates_per_token(n_tokens: int, d_in: int, d_out: int, samples: int = 1) -> tuple[bool, bool]:
+    """Where the Λ pass turns each side into its eigenbasis: per token, or per document.
+
+    ``Q_G^T DW Q_A`` is the same whether ``a`` and ``g`` are rotated token by token before
+    ``DW = sum_t g_t a_t^T`` is formed, or ``DW`` is rotated afterwards. Per row of
+    ``n_tokens`` (padded) positions, rotating ``a`` costs ``n_tokens d_in'^2`` once (the
+    label samples share it) against ``samples d_out d_in'^2`` on ``DW``; rotating ``g``
+    costs ``n_tokens d_out^2`` against ``d_out^2 d_in'``, both per sample. The cheaper side
+    wins: short documents rotate per token, documents longer than the module's width
+    per document.
+
+    Returns:
+        ``(rotate a per token, rotate g per token)``.
+    """
+    return n_tokens <= samples * d_out, n_tokens <= d_in
+
+
+def lambda_sum(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor | None = None,
+               q_g: torch.Tensor | None = None) -> torch.Tensor:
     """Eigenvalue-correction partial sum of one batch and one label sample.
 
     Args:
-        a_rot: activations in A's eigenbasis ``[B, T, d_in']`` (:func:`rotate_activations`).
-        g_rot: output-gradients in G's eigenbasis ``[B, T, d_out]`` (:func:`rotate_gradients`).
+        a: activations ``[B, T, d_in']``: in A's eigenbasis (:func:`rotate_activations`)
+            when ``q_a`` is None, else as captured, and ``Q_A`` rotates each ``DW``.
+        g: output-gradients ``[B, T, d_out]``: in G's eigenbasis (:func:`rotate_gradients`)
+            when ``q_g`` is None, else as captured, and ``Q_G`` rotates each ``DW``.
+        q_a: ``[d_in', d_in']`` or None (see :func:`rotates_per_token`).
+        q_g: ``[d_out, d_out]`` or None.
 
     Returns:
         ``sum_b (Q_G^T DW_b Q_A)^2`` as ``[d_out, d_in']`` float64.
     """
-    work = torch.promote_types(a_rot.dtype, torch.float32)  # one batch in >= float32; batches add in float64
-    a_rot, g_rot = a_rot.to(work), g_rot.to(work)
-    n_docs, d_out, d_in = a_rot.shape[0], g_rot.shape[-1], a_rot.shape[-1]
-    total = torch.zeros(d_out, d_in, dtype=work, device=a_rot.device)
+    work = torch.promote_types(a.dtype, torch.float32)  # one batch in >= float32; batches add in float64
+    a, g = a.to(work), g.to(work)
+    q_a = q_a.to(device=a.device, dtype=work) if q_a is not None else None
+    q_gt = q_g.to(device=g.device, dtype=work).T if q_g is not None else None
+    n_docs, d_out, d_in = a.shape[0], g.shape[-1], a.shape[-1]
+    total = torch.zeros(d_out, d_in, dtype=work, device=a.device)
     # A few documents at a time, so each chunk of DW_rot is squared while still in cache.
     step = max(1, LAMBDA_CHUNK // (d_out * d_in))
     for b in range(0, n_docs, step):
-        dw_rot = per_doc_gradients(a_rot[b:b + step], g_rot[b:b + step])  # [step, d_out, d_in']
+        dw_rot = per_doc_gradients(a[b:b + step], g[b:b + step])  # [step, d_out, d_in']
+        if q_a is not None:
+            dw_rot = dw_rot @ q_a
+        if q_gt is not None:
+            dw_rot = torch.matmul(q_gt, dw_rot)  # Q_G^T DW, broadcast over the documents
         total += dw_rot.square().sum(dim=0)
     return total.to(STATS_DTYPE)
 

@@ -16,7 +16,7 @@ workers or retries.
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -80,25 +80,26 @@ def _label_uniforms(batch: Batch, seed: int, pass_name: str, samples: int) -> to
     return u
 
 
-def _sample_targets(logits: torch.Tensor, batch: Batch, seed: int, pass_name: str, samples: int) -> torch.Tensor:
+def _sample_targets(probs: torch.Tensor, batch: Batch, seed: int, pass_name: str, samples: int) -> torch.Tensor:
     """Labels drawn from the model, ``[S, B, T-1]`` (positions not in the loss are 0).
 
-    Inverse-CDF sampling of the whole batch at once: with ``c`` the cumulative softmax of
-    a position normalised to end at 1, draw ``y = min{v : c_v >= u}`` for each of its
-    uniforms (:func:`_label_uniforms`). This is the rule of CPU ``torch.multinomial(p, S,
-    replacement=True)`` for ``S > 1`` with the same uniforms in the same order, so for
-    several samples and float64 logits the labels are the ones a per-row multinomial drew
-    (tests/test_passes.py); one ``[B, T-1, V]`` scan replaces a multinomial per row (and,
-    for ``S = 1``, the V exponential variates per position that torch draws then).
+    Inverse-CDF sampling of the whole batch at once: with ``c`` the cumulative
+    probabilities of a position normalised to end at 1, draw ``y = min{v : c_v >= u}`` for
+    each of its uniforms (:func:`_label_uniforms`). This is the rule of CPU
+    ``torch.multinomial(p, S, replacement=True)`` for ``S > 1`` with the same uniforms in
+    the same order, so for several samples and float64 probabilities the labels are the
+    ones a per-row multinomial drew (tests/test_passes.py); one ``[B, T-1, V]`` scan
+    replaces a multinomial per row (and, for ``S = 1``, the V exponential variates per
+    position that torch draws then).
 
     Args:
-        logits: ``[B, T-1, V]`` logits predicting positions 1..T-1.
+        probs: ``[B, T-1, V]`` the model's probabilities of positions 1..T-1.
     """
     targets_mask = batch.loss_mask[:, 1:]
-    cdf = torch.softmax(logits.detach(), dim=-1).cumsum_(-1)  # [B, T-1, V]
+    cdf = probs.cumsum(-1)  # [B, T-1, V]
     cdf.div_(cdf[..., -1:].clone())
     cdf[..., -1] = 1  # the last bucket ends at exactly 1, whatever the round-off
-    u = _label_uniforms(batch, seed, pass_name, samples).to(device=logits.device, dtype=cdf.dtype)  # [B, T-1, S]
+    u = _label_uniforms(batch, seed, pass_name, samples).to(device=probs.device, dtype=cdf.dtype)  # [B, T-1, S]
     drawn = torch.searchsorted(cdf, u)  # [B, T-1, S]: first v with cdf_v >= u
     return torch.where(targets_mask[..., None], drawn, 0).permute(2, 0, 1)
 
@@ -147,37 +148,67 @@ def run_pass(
         inputs_embeds = embed(batch.input_ids).detach().requires_grad_(True)
         with capture(model, specs, batch.token_mask, collector.on_grad, collector.keep_input):
             logits = model(inputs_embeds=inputs_embeds, attention_mask=batch.token_mask.long()).logits
-            data_loss, losses = loss_terms(logits, batch, labels, seed, pass_name, collector.samples)
-            for s, loss in enumerate(losses or ()):
-                torch.autograd.grad(loss, inputs_embeds, retain_graph=s < len(losses) - 1)
+            data_loss, backward = loss_terms(logits, batch, labels, seed, pass_name, collector.samples)
+            if backward is not None:
+                backward(inputs_embeds)
     return data_loss
 
 
 def loss_terms(
     logits: torch.Tensor, batch: Batch, labels: Labels, seed: int, pass_name: str, samples: int
-) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """The losses of one batch's logits: the data loss per row, and one loss per label sample.
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], list[torch.Tensor]] | None]:
+    """The data loss of one batch's logits per row, and the backward of each label sample's loss.
+
+    The gradient of a sample's summed loss with respect to the logits is written down
+    rather than back-propagated through the log-softmax: at a loss position t with
+    weight ``w_t`` and label ``y_t`` it is ``w_t (p_t - e_{y_t})`` (``p_t`` the softmax), and
+    0 elsewhere. The softmax is computed once and serves the data loss, the label
+    sampling and every sample's gradient, and no ``[B, T, V]`` gradient buffers of
+    autograd's log-softmax, gather and slice backwards are filled.
 
     Args:
         logits: ``[B, T, V]``, still attached to the graph.
         batch: the batch (on the logits' device).
 
     Returns:
-        ``(data losses [B] float64 on the CPU, [summed loss of each sample] or None)``. None
-        when a row's logits or loss are not finite; those rows' data losses are NaN then,
-        and no backward must run.
+        ``(data losses [B] float64 on the CPU, backward or None)``. ``backward(x)`` runs
+        one backward per label sample from the logits to ``x`` and returns the gradients
+        ``[d L_s / d x for each sample]``. None when a row's logits or loss are not finite;
+        those rows' data losses are NaN then, and no backward must run.
     """
     # Half-precision logits are upcast for the softmax; float64 stays float64.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]
-    weights = batch.loss_mask[:, 1:].to(logp.dtype)  # [B, T-1]
-    data_loss = -(logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) * weights).sum(-1)
+    z = logits.detach()[:, :-1]  # [B, T-1, V] predicting positions 1..T-1
+    # The softmax goes into the first T-1 positions of a [B, T, V] buffer, which then
+    # becomes the last sample's logits gradient in place (one buffer fewer).
+    buf = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    probs = buf[:, :-1]  # [B, T-1, V]
+    top = z.amax(dim=-1, keepdim=True)  # [B, T-1, 1]
+    torch.sub(z, top, out=probs).exp_()
+    total = probs.sum(dim=-1, keepdim=True)  # [B, T-1, 1]
+    probs.div_(total)
+    lse = top + total.log()
+    weights = batch.loss_mask[:, 1:].to(z.dtype)  # [B, T-1]
+    logp_data = z.gather(-1, batch.input_ids[:, 1:, None]) - lse  # [B, T-1, 1]
+    data_loss = -(logp_data.squeeze(-1) * weights).sum(-1)
     finite = torch.isfinite(data_loss) & (_finite_positions(logits.detach()) | ~batch.token_mask).all(-1)
     if not bool(finite.all()):
-        return torch.where(finite, data_loss, torch.nan).detach().to(torch.float64).cpu(), None
+        return torch.where(finite, data_loss, torch.nan).to(torch.float64).cpu(), None
     if labels is Labels.DATA:
         targets = [batch.input_ids[:, 1:]]
     else:
-        targets = list(_sample_targets(logits[:, :-1], batch, seed, pass_name, samples))
-    losses = [-(logp.gather(-1, y[..., None]).squeeze(-1) * weights).sum() for y in targets]
-    return data_loss.detach().to(torch.float64).cpu(), losses
+        targets = list(_sample_targets(probs, batch, seed, pass_name, samples))
+    w = weights[..., None]  # [B, T-1, 1]
+
+    def backward(x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for s, y in enumerate(targets):
+            last = s == len(targets) - 1
+            dz = buf if last else torch.empty_like(buf)  # [B, T, V]: d L_s / d logits
+            dz[:, -1] = 0  # the last position predicts nothing
+            torch.mul(probs, w, out=dz[:, :-1])  # in place on the last sample
+            dz[:, :-1].scatter_add_(-1, y[..., None], -w)
+            out.append(torch.autograd.grad(logits, x, grad_outputs=dz, retain_graph=not last)[0])
+        return out
+
+    return data_loss.to(torch.float64).cpu(), backward

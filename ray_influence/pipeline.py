@@ -95,11 +95,11 @@ class ShardSession:
             if not sh.last:
                 self._pending[bid] = (x, out, batch)
                 return out.detach().cpu()  # through the object store; the next shard moves it to its device
-            data_loss, losses = loss_terms(out, batch, self.labels, self.seed, self.pass_name, self.collector.samples)
-            if losses is None:
+            data_loss, backward = loss_terms(out, batch, self.labels, self.seed, self.pass_name,
+                                             self.collector.samples)
+            if backward is None:
                 return Step(data_loss, None)
-            grads = [torch.autograd.grad(loss, x, retain_graph=s < len(losses) - 1)[0]
-                     for s, loss in enumerate(losses)]
+            grads = backward(x)
         self._done(batch)
         return Step(data_loss, torch.stack(grads).detach().cpu())
 

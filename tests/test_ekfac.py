@@ -202,6 +202,43 @@ def test_blocked_outer_sum_and_chunked_lambda_sum_are_the_plain_products():
     assert rel(ekfac.lambda_sum(a, g), want) < EXACT
 
 
+def test_lambda_sum_rotates_per_token_or_per_document_alike():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 7, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(5, 7, 4, generator=gen, dtype=torch.float64)
+    q_a, q_g = random_orthogonal(6, gen), random_orthogonal(4, gen)
+    want = (q_g.T @ torch.einsum("bto,bti->boi", g, a) @ q_a).square().sum(0)
+    for a_tok in (True, False):
+        for g_tok in (True, False):
+            got = ekfac.lambda_sum(a @ q_a if a_tok else a, g @ q_g if g_tok else g,
+                                   None if a_tok else q_a, None if g_tok else q_g)
+            assert rel(got, want) < EXACT, (a_tok, g_tok)
+
+
+def test_rotation_side_follows_the_cheaper_product():
+    # a: T d_in'^2 once vs samples d_out d_in'^2 per document; g: T d_out^2 vs d_out^2 d_in'.
+    assert ekfac.rotates_per_token(100, 257, 1024) == (True, True)
+    assert ekfac.rotates_per_token(512, 257, 1024) == (True, False)  # MLP up, long documents
+    assert ekfac.rotates_per_token(512, 1025, 256) == (False, True)  # MLP down
+    assert ekfac.rotates_per_token(512, 1025, 256, samples=4) == (True, True)  # samples share a's rotation
+
+
+def test_lambda_pass_on_long_documents_rotates_per_document(model64):
+    # Documents longer than every module's width (d_in' = 9, d_out <= 32) take the
+    # per-document rotation; short ones the per-token one. Both give (Q_G^T DW Q_A)^2.
+    specs = find_tracked_modules(model64)
+    gen = torch.Generator().manual_seed(4)
+    bases = {n: ekfac.Eigenbasis(random_orthogonal(s.d_in_aug, gen), torch.ones(s.d_in_aug),
+                                 random_orthogonal(s.d_out, gen), torch.ones(s.d_out)) for n, s in specs.items()}
+    docs = random_examples(10, min_len=3, max_len=48, seed=5)
+    sides = {ekfac.rotates_per_token(len(d), s.d_in_aug, s.d_out) for d in docs for s in specs.values()}
+    assert {(True, True), (False, False)} <= sides
+    lam = lambda_pass(model64, docs, specs, bases, Fisher.EMPIRICAL, max_tokens=64)
+    dw = document_gradients(model64, docs, specs).grads
+    for n, b in bases.items():
+        assert rel(lam[n].lam_sum, (b.q_g.T @ dw[n] @ b.q_a).square().sum(0)) < EXACT, n
+
+
 def test_rotations_on_aligned_rows():
     gen = torch.Generator().manual_seed(1)
     a = ekfac.aligned_empty((2, 5, 33), torch.float64, "cpu")

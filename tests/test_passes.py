@@ -22,7 +22,7 @@ def test_sampled_labels_do_not_depend_on_the_batch():
         batch = collate(group)
         t = batch.input_ids.shape[1] - 1
         logits = torch.stack([table[e.key][:t] for e in group])  # [B, T-1, V]
-        drawn = _sample_targets(logits, batch, seed=5, pass_name="fisher", samples=3)  # [S, B, T-1]
+        drawn = _sample_targets(logits.exp(), batch, seed=5, pass_name="fisher", samples=3)  # [S, B, T-1]
         return {e.key: drawn[:, row, : len(e) - 1] for row, e in enumerate(group)}
 
     alone = {e.key: labels([e])[e.key] for e in docs}
@@ -35,8 +35,8 @@ def test_sampled_labels_do_not_depend_on_the_batch():
         assert bool((alone[e.key][:, ~mask] == 0).all()), "positions outside the loss must stay 0"
     other_seed = collate(docs)
     logits = torch.stack([table[e.key][: other_seed.input_ids.shape[1] - 1] for e in docs])
-    assert not torch.equal(_sample_targets(logits, other_seed, 6, "fisher", 3),
-                           _sample_targets(logits, other_seed, 5, "fisher", 3))
+    assert not torch.equal(_sample_targets(logits.exp(), other_seed, 6, "fisher", 3),
+                           _sample_targets(logits.exp(), other_seed, 5, "fisher", 3))
 
 
 def test_several_samples_are_the_draws_of_a_per_row_multinomial():
@@ -47,8 +47,8 @@ def test_several_samples_are_the_draws_of_a_per_row_multinomial():
     batch = collate(docs)
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(len(docs), batch.input_ids.shape[1] - 1, 13, generator=gen, dtype=torch.float64)
-    drawn = _sample_targets(logits, batch, seed=2, pass_name="fisher", samples=4)  # [S, B, T-1]
     probs = torch.softmax(logits, -1)
+    drawn = _sample_targets(probs, batch, seed=2, pass_name="fisher", samples=4)  # [S, B, T-1]
     for row, e in enumerate(docs):
         pos = batch.loss_mask[row, 1:].nonzero(as_tuple=True)[0]
         g = torch.Generator().manual_seed(stable_seed("labels", 2, "fisher", e.key))
@@ -60,9 +60,8 @@ def test_sampled_labels_follow_the_model():
     probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float32)
     ex = random_examples(1, min_len=3, max_len=3)[0]
     batch = collate([ex])
-    logits = probs.log()[None]  # [1, T-1 = 2, V = 5]
     n = 40_000
-    drawn = _sample_targets(logits, batch, 0, "fisher", n)[:, 0]  # [S, 2]
+    drawn = _sample_targets(probs[None], batch, 0, "fisher", n)[:, 0]  # [S, 2]: [1, T-1 = 2, V = 5] probabilities
     for pos in range(2):
         freq = torch.bincount(drawn[:, pos], minlength=5).double() / n
         assert (freq - probs[pos].double()).abs().max() < FREQ_TOL, (pos, freq.tolist())
