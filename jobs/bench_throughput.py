@@ -11,7 +11,7 @@ Sections:
            step) vs the covariance, Λ, index (projected) and query (exact) passes
   scoring  (documents x queries)/s of reading index pieces + scores + top-k, vs a bare matmul
   job      the whole job on local Ray: wall time per stage, peak RSS per worker, at N, 2N, 4N
-           documents; and 1 replica on 1 core vs 2 replicas on 2 cores
+           documents; 1 replica on 1 core vs 2 replicas on 2 cores; and scoring.fused at 2N
 """
 
 from __future__ import annotations
@@ -228,16 +228,16 @@ def bench_job(args) -> dict:
     (root / "q.jsonl").write_text("".join(json.dumps({"query_id": f"q{i}", "prompt": "w5 w6", "completion": " w7 w8"})
                                          + "\n" for i in range(16)))
 
-    def one(n_docs: int, replicas: int, cpus: int) -> dict:
+    def one(n_docs: int, replicas: int, cpus: int, fused: bool = False) -> dict:
         corpus = root / f"corpus-{n_docs}.parquet"
         if not corpus.exists():
             pq.write_table(pa.table({"doc_id": list(range(n_docs)), "text": [text() for _ in range(n_docs)]}), corpus)
-        cfg = {"run_dir": str(root / f"run-{n_docs}-{replicas}-{cpus}"), "pretrained_model": str(root / "pt"),
+        cfg = {"run_dir": str(root / f"run-{n_docs}-{replicas}-{cpus}{'-fused' if fused else ''}"), "pretrained_model": str(root / "pt"),
                "finetuned_model": str(root / "ft"), "corpus": {"path": str(corpus), "max_length": args.max_len,
                                                                "partition_docs": 64},
                "finetune_data": {"path": str(root / "ft.jsonl")}, "queries": {"path": str(root / "q.jsonl")},
                "ekfac": {"covariance_max_docs": 128}, "projection": {"dim": args.dim},
-               "scoring": {"methods": ["multi_stage"], "top_k": 10},
+               "scoring": {"methods": ["multi_stage"], "top_k": 10, "fused": fused},
                "cluster": {"replicas": replicas, "num_cpus_per_worker": cpus // replicas,
                            "max_tokens_per_batch": args.max_tokens}}
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -247,16 +247,20 @@ def bench_job(args) -> dict:
             wall = time.perf_counter() - t0
         finally:
             ray.shutdown()
-        idx = summary["index"]
-        return {"docs": n_docs, "replicas": replicas, "cpus": cpus, "wall_s": wall,
+        idx = summary["score_corpus" if fused else "index"]
+        corpus_s = summary["timings"]["score" if fused else "index"]
+        return {"docs": n_docs, "replicas": replicas, "cpus": cpus, "fused": fused, "wall_s": wall,
                 "stage_s": summary["timings"], "index_tokens": idx["tokens"],
-                "index_tokens_per_s": idx["tokens"] / summary["timings"]["index"],
+                "index_tokens_per_s": idx["tokens"] / corpus_s,
                 "worker_max_rss_mb": [w["max_rss_mb"] for w in summary.get("workers", [])]}
 
     n = args.job_docs
     scaling = [one(n * m, 2, 2) for m in (1, 2, 4)]
     replicas = [one(2 * n, 1, 1), scaling[1]]
-    return {"scaling": scaling, "replicas": replicas,
+    fused = one(2 * n, 2, 2, fused=True)
+    st = scaling[1]["stage_s"]
+    return {"scaling": scaling, "replicas": replicas, "fused": fused,
+            "index_plus_score_over_fused": (st["index"] + st["score"]) / fused["stage_s"]["score"],
             "index_time_2n_over_n": scaling[1]["stage_s"]["index"] / scaling[0]["stage_s"]["index"],
             "index_time_4n_over_2n": scaling[2]["stage_s"]["index"] / scaling[1]["stage_s"]["index"],
             "two_replicas_speedup": replicas[1]["index_tokens_per_s"] / replicas[0]["index_tokens_per_s"]}
@@ -292,6 +296,12 @@ def table(results: dict) -> str:
                          f"{', '.join(f'{m:.0f}' for m in r['worker_max_rss_mb'])} |")
         lines.append(f"\nindex time 2N/N: {j['index_time_2n_over_n']:.2f}, 4N/2N: {j['index_time_4n_over_2n']:.2f}; "
                      f"2 replicas on 2 cores vs 1 on 1: {j['two_replicas_speedup']:.2f}x")
+        f, st = j["fused"], j["scaling"][1]["stage_s"]
+        lines.append(f"\nfused (scoring.fused, {f['docs']} docs, 2 replicas): wall {f['wall_s']:.1f} s, fit "
+                     f"{f['stage_s']['fit']:.1f} s, query {f['stage_s']['query']:.1f} s, score with the corpus pass "
+                     f"{f['stage_s']['score']:.1f} s vs index + score {st['index'] + st['score']:.1f} s "
+                     f"({j['index_plus_score_over_fused']:.2f}x); worker peak RSS "
+                     f"{', '.join(f'{m:.0f}' for m in f['worker_max_rss_mb'])} MB")
     return "\n".join(lines)
 
 

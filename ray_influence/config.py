@@ -98,6 +98,8 @@ class ScoringConfig:
     doc_text_chars: int = _f(2000, "characters of doc_text stored in the results")
     token_influence_top: int = _f(10, "top documents per query and method whose per-token and per-layer "
                                       "influence is stored (token_influence/, layer_influence/); 0 disables")
+    fused: bool = _f(False, "score the queries during the corpus pass and write no index (stages fit, query, "
+                            "score); every new query set then needs a new corpus pass")
 
 
 @dataclass(frozen=True)

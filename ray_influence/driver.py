@@ -34,7 +34,10 @@ from .store import (
     STAGES,
     docs_rel,
     factors_rel,
+    fused_rel,
     index_rel,
+    queries_rel,
+    read_fused_piece,
     read_parquet_piece,
     skipped_rel,
     results_table,
@@ -46,7 +49,10 @@ from .shard_model import model_blocks, shard_layout
 from .worker import partition_provenance, remote_worker
 
 STAGE_ORDER = ("fit", "index", "query", "score")
+FUSED_STAGE_ORDER = ("fit", "query", "score")
+"""With ``scoring.fused``: the score stage runs the corpus pass itself, and writes no index."""
 IN_FLIGHT_PER_WORKER = 2
+
 def bind_run_dir(run: RunDir, cfg: Config) -> None:
     """Records the config in ``run.json`` (after :func:`check_run_dir` passed)."""
     check_run_dir(cfg)
@@ -297,15 +303,16 @@ class Job:
         ok += [self._piece_ok(docs_rel(part.key)), self._piece_ok(skipped_rel(part.key))]
         return all(ok)
 
-    def index(self, parts: Sequence[Partition]) -> None:
-        stages = self.stages_needed()
-        todo = [p for p in parts if not self._partition_done(p, stages)]
-        self.log(f"index: {len(parts) - len(todo)} of {len(parts)} partitions already done, {len(todo)} to go")
+    def _corpus_pass(self, parts: Sequence[Partition], todo: Sequence[Partition], desc: str, submit,
+                     on_result=None) -> dict:
+        """Runs ``submit(worker, partition)`` over ``todo`` with a progress bar; the corpus counts."""
         totals = {"docs": 0, "tokens": 0, "skipped": 0, "truncated": 0, "partitions": 0}
-        bar = _progress(sum(len(p) for p in todo), "index", "doc", self.progress)
+        bar = _progress(sum(len(p) for p in todo), desc, "doc", self.progress)
         t0 = time.perf_counter()
 
         def on_done(part: Partition, result: dict) -> None:
+            if on_result is not None:
+                on_result(part, result)
             self.partition_times.append((result["tokens"], result["seconds"]))
             for k in ("docs", "tokens", "skipped", "truncated"):
                 totals[k] += result[k]
@@ -314,14 +321,20 @@ class Job:
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(docs_s=f"{totals['docs'] / dt:.1f}", tok_s=f"{totals['tokens'] / dt:.0f}")
 
-        _drain(self.workers, todo, lambda w, p: w.index.remote(p, stages, self.duplicates.get(p.key)), on_done,
-               retries=self.cfg.cluster.max_restarts)
+        _drain(self.workers, todo, submit, on_done, retries=self.cfg.cluster.max_restarts)
         bar.close()
         totals["skipped_total"] = write_skipped_summary(self.run, parts)
         totals["partitions_total"] = len(parts)
         totals["damaged_recomputed"] = list(self.damaged)
         totals["duplicate_ids"] = sum(len(v) for v in self.duplicates.values())
-        self.summary["index"] = totals
+        return totals
+
+    def index(self, parts: Sequence[Partition]) -> None:
+        stages = self.stages_needed()
+        todo = [p for p in parts if not self._partition_done(p, stages)]
+        self.log(f"index: {len(parts) - len(todo)} of {len(parts)} partitions already done, {len(todo)} to go")
+        self.summary["index"] = self._corpus_pass(
+            parts, todo, "index", lambda w, p: w.index.remote(p, stages, self.duplicates.get(p.key)))
 
     # ----------------------------------------------------------------- query
 
@@ -341,11 +354,53 @@ class Job:
 
         def on_done(part: Partition, partial: dict) -> None:
             # Streaming merge: the driver holds one [Q, k] top-k per method, whatever the corpus size.
-            merged.update(merge_topk(k, *([merged, partial] if merged else [partial])))
+            _merge_into(merged, partial, k)
             bar.update(1)
 
         _drain(self.workers, parts, lambda w, p: w.score.remote(p, methods, k), on_done)
         bar.close()
+        self._write_results(parts, merged)
+        self.topk = merged
+
+    def fused_token(self) -> str:
+        """Names what a fused pass scores: every shard's query vectors, the methods, k, the index dtype."""
+        import hashlib
+        import json
+
+        shas = []
+        for s in range(self.cfg.cluster.shards):
+            marker = self.run.piece_done(queries_rel(s))
+            if marker is None:
+                raise RuntimeError(f"{self.cfg.run_dir} holds no query vectors; run the query stage first")
+            shas.append(marker["sha256"])
+        key = {"queries": shas, "methods": [m.value for m in self.cfg.methods], "top_k": self.cfg.scoring.top_k,
+               "dtype": self.cfg.projection.dtype}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fused_score(self, parts: Sequence[Partition]) -> None:
+        """The corpus pass and the scoring in one (``scoring.fused``): no index is written.
+
+        Each partition's top-k is kept under ``fused/<token>/`` (:meth:`fused_token`), so a
+        rerun for the same queries scores only the partitions not done yet.
+        """
+        stages, methods, k = self.stages_needed(), [m.value for m in self.cfg.methods], self.cfg.scoring.top_k
+        token = self.fused_token()
+        merged: dict = {}
+        todo = []
+        for p in parts:
+            prov = partition_provenance(p, self.duplicates.get(p.key))
+            if all((self._piece_ok(fused_rel(token, p.key), prov), self._piece_ok(docs_rel(p.key)),
+                    self._piece_ok(skipped_rel(p.key)))):
+                offset = p.offset - p.start
+                _merge_into(merged, {m: (v, r + offset) for m, (v, r) in read_fused_piece(self.run, token, p).items()}, k)
+            else:
+                todo.append(p)
+        self.log(f"score (fused): {len(parts) - len(todo)} of {len(parts)} partitions already scored for these "
+                 f"queries, {len(todo)} to go; no index is written")
+        self.summary["score_corpus"] = self._corpus_pass(
+            parts, todo, "score (fused)",
+            lambda w, p: w.fused_score.remote(p, stages, self.duplicates.get(p.key), methods, k, token),
+            lambda _, result: _merge_into(merged, result.pop("top_k"), k))
         self._write_results(parts, merged)
         self.topk = merged
 
@@ -402,7 +457,8 @@ class Job:
             size = max(1, -(-len(reqs) // (len(self.workers) * IN_FLIGHT_PER_WORKER)))
             chunks += [(stage, reqs[i:i + size]) for i in range(0, len(reqs), size)]
         terms: list = []
-        _drain(self.workers, chunks, lambda w, c: w.token_terms.remote(*c),
+        token = self.fused_token() if self.cfg.scoring.fused else None
+        _drain(self.workers, chunks, lambda w, c: w.token_terms.remote(*c, token),
                lambda _, result: terms.extend(result))
         meta = run_metadata(self.cfg)
         tables = influence_tables(terms, query_ids, ranks)
@@ -418,7 +474,7 @@ class Job:
 
     def execute(self, stage: str = "all", checked: bool = False) -> dict:
         """Runs the stages; ``checked`` says :func:`preflight` already passed for them."""
-        stages = stages_of(stage)
+        stages = stages_of(stage, self.cfg.scoring.fused)
         if not checked:
             preflight(self.cfg, stages)
         bind_run_dir(self.run, self.cfg)
@@ -434,6 +490,8 @@ class Job:
                     self.index(parts)
                 elif name == "query":
                     self.query()
+                elif name == "score" and self.cfg.scoring.fused:
+                    self.fused_score(parts)
                 elif name == "score":
                     self.score(parts)
                 self.timings[name] = time.perf_counter() - t0
@@ -477,11 +535,21 @@ def run_metadata(cfg: Config) -> dict:
     }
 
 
-def stages_of(stage: str) -> tuple[str, ...]:
-    """The stages ``--stage`` names (``all``: every one, in order)."""
+def stages_of(stage: str, fused: bool = False) -> tuple[str, ...]:
+    """The stages ``--stage`` names (``all``: every one, in order); ``fused``: ``scoring.fused``."""
     if stage != "all" and stage not in STAGE_ORDER:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {('all',) + STAGE_ORDER}")
-    return STAGE_ORDER if stage == "all" else (stage,)
+    if fused and stage == "index":
+        raise ConfigError("scoring.fused is true, so there is no index stage: the score stage runs the corpus "
+                          "pass (use --stage score or all, or set scoring.fused: false to build an index)")
+    if stage == "all":
+        return FUSED_STAGE_ORDER if fused else STAGE_ORDER
+    return (stage,)
+
+
+def _merge_into(merged: dict, partial: dict, k: int) -> None:
+    """Merges one partition's ``{method: (values, positions)}`` top-k into ``merged``, in place."""
+    merged.update(merge_topk(k, *([merged, partial] if merged else [partial])))
 
 
 def run_job(cfg: Config, stage: str = "all", progress: bool = True, checked: bool = False) -> dict:

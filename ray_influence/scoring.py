@@ -158,6 +158,20 @@ def score_dtype(stored: torch.dtype) -> torch.dtype:
     return torch.float64 if stored == torch.float64 else torch.float32
 
 
+def rows_scan(flats: Mapping[str, torch.Tensor], keep: torch.Tensor, file_rows: torch.Tensor, dtype: torch.dtype):
+    """Feeds rows held in memory to scoring as an index piece would: ``scan(stage, add)``.
+
+    The kept rows of ``flats[stage]`` are rounded to ``dtype`` (what an index piece stores)
+    and given to ``add`` in one block; returns ``(their squared norms [N] float64, file_rows)``,
+    the norms taken before rounding, as :func:`ray_influence.store.write_index_piece` does.
+    """
+    def scan(stage: str, add) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = flats[stage][keep]
+        add(flat.to(dtype))
+        return flat.to(torch.float64).square().sum(1), file_rows
+    return scan
+
+
 class BlockScores:
     """Scores of flat query vectors against document rows that arrive block by block.
 

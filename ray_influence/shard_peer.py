@@ -25,7 +25,7 @@ from .data import Document, Partition
 from .modules import ModuleSpec
 from .models import parse_dtype
 from .pipeline import ShardLost, ShardSession, Step
-from .scoring import finite_rows, index_width, scatter_rows
+from .scoring import finite_rows, index_width, rows_scan, scatter_rows
 from .store import read_index_piece, write_index_piece, write_query_vectors
 
 CRASH_PEER_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_PEER_ONCE"
@@ -112,6 +112,15 @@ class ShardPeer:
         flat = self._held.pop(sid)
         return write_index_piece(self.run, stage, self.shard, part, docs, flat[keep],
                                  parse_dtype(self.cfg.projection.dtype), provenance)
+
+    def held_partial_scores(self, sids: dict[str, str], keep: torch.Tensor, file_rows: torch.Tensor,
+                            methods: list[str]) -> tuple[dict, torch.Tensor]:
+        """Peer shard: partial scores of its held index rows (a fused pass; nothing is written)."""
+        missing = [sid for sid in sids.values() if sid not in self._held]
+        if missing:
+            raise ShardLost(f"shard {self.shard} has no index rows of pass {missing[0]} (restarted?)")
+        flats = {stage: self._held.pop(sid) for stage, sid in sids.items()}
+        return self._partial_scores(methods, rows_scan(flats, keep, file_rows, parse_dtype(self.cfg.projection.dtype)))
 
     def write_empty_index(self, stage: str, part: Partition, provenance: dict) -> dict:
         flat = torch.zeros(0, index_width(self.specs(stage), self.cfg.projection.dim))

@@ -50,6 +50,42 @@ def skipped_rel(part_key: str) -> str:
     return f"skipped/{part_key}.parquet"
 
 
+def fused_rel(token: str, part_key: str) -> str:
+    """One partition's top-k of a fused pass, for the query set ``token`` names."""
+    return f"fused/{token}/{part_key}.safetensors"
+
+
+def write_fused_piece(run: RunDir, token: str, part: Partition, top: dict, sqnorms: dict, rows: torch.Tensor,
+                      provenance: dict) -> dict:
+    """A partition's top-k of a fused pass, and its documents' squared norms.
+
+    Args:
+        top: ``{method: (values [Q, k'], rows within the file [Q, k'])}``.
+        sqnorms: ``{stage: [N]}`` each kept document's squared index norm (all shards).
+        rows: ``[N]`` those documents' rows within the file.
+    """
+    tensors = {"doc_rows": rows.to(torch.int64)}
+    tensors.update({f"sqnorm.{stage}": sq.to(torch.float64) for stage, sq in sqnorms.items()})
+    for m, (values, top_rows) in top.items():
+        tensors[f"{m}.values"], tensors[f"{m}.rows"] = values.to(torch.float64), top_rows.to(torch.int64)
+    return run.write_piece(fused_rel(token, part.key), _tensor_bytes(tensors, {"methods": list(top)}),
+                           {"partition": part.key, "file": part.file.url, "rows": [part.start, part.stop],
+                            **provenance})
+
+
+def read_fused_piece(run: RunDir, token: str, part: Partition) -> dict:
+    """``{method: (values [Q, k'], rows within the file [Q, k'])}`` of a verified fused piece."""
+    data = run.read_piece(fused_rel(token, part.key))
+    t = st_load(data)
+    return {m: (t[f"{m}.values"], t[f"{m}.rows"]) for m in _header_json(data)["methods"]}
+
+
+def read_fused_sqnorms(run: RunDir, token: str, part: Partition, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(squared norms [N], rows within the file [N])`` of a fused piece's documents at ``stage``."""
+    t = st_load(run.read_piece(fused_rel(token, part.key)))
+    return t[f"sqnorm.{stage}"], t["doc_rows"]
+
+
 def queries_rel(shard: int) -> str:
     return f"queries/vectors.shard-{shard}.safetensors"
 

@@ -146,7 +146,7 @@ class DocTerms:
     blocks: tuple[int, ...]
 
 
-def worker_token_terms(worker, stage: str, requests: Sequence[DocRequest]) -> list[DocTerms]:
+def worker_token_terms(worker, stage: str, requests: Sequence[DocRequest], fused_token: str | None = None) -> list[DocTerms]:
     """Runs inside a Worker actor: the terms of each requested document at ``stage``'s model.
 
     Args:
@@ -154,6 +154,8 @@ def worker_token_terms(worker, stage: str, requests: Sequence[DocRequest]) -> li
             for a sharded replica its head, which gathers every shard's modules.
         stage: ``pretrained`` or ``finetuned`` (the methods' document model).
         requests: the documents, each with the (method, query) pairs to explain.
+        fused_token: a fused pass's token: the documents' norms (cosine methods) come from
+            its pieces, as there is no index.
     """
     tok = worker.tokenizer("pretrained")
     modules, blocks = worker.module_table(stage)
@@ -173,7 +175,7 @@ def worker_token_terms(worker, stage: str, requests: Sequence[DocRequest]) -> li
                 if query_sq is None:
                     query_sq = worker.query_sqnorms()
                 if req.part.key not in doc_sq:
-                    doc_sq[req.part.key] = worker.doc_sqnorms(stage, req.part)
+                    doc_sq[req.part.key] = worker.doc_sqnorms(stage, req.part, fused_token)
                 norm = (query_sq[m][q] * doc_sq[req.part.key][req.row]) ** 0.5
                 scale[r] = 1 / max(norm, torch.finfo(TERM_DTYPE).tiny)
         terms = terms * scale[None, :, None]

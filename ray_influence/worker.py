@@ -29,13 +29,25 @@ from .pipeline import ShardLost, ShardSession, pipelined_batches
 from .shard_peer import CRASH_PEER_ONCE_ENV, ShardPeer
 from .projection import make_projection, project_matrix
 from .rundir import RunDir
-from .scoring import BlockScores, Method, finite_rows, flatten, index_width, query_vectors, scatter_rows, top_k
+from .scoring import (
+    BlockScores,
+    Method,
+    finite_rows,
+    flatten,
+    index_width,
+    query_vectors,
+    rows_scan,
+    scatter_rows,
+    top_k,
+)
 from .store import (
     IndexPieceReader,
     factors_rel,
     queries_rel,
+    read_fused_sqnorms,
     read_query_vectors,
     write_docs_piece,
+    write_fused_piece,
     write_index_piece,
     write_query_vectors,
     write_skipped_piece,
@@ -309,16 +321,12 @@ class Worker(ShardPeer):
 
     # ---------------------------------------------------------------- index
 
-    def index(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None = None) -> dict:
-        """Projected gradients of one partition at each of ``stages``' models, written to the run dir.
+    def _index_rows(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None) -> "PartitionRows":
+        """One partition's projected gradients at each of ``stages``' models, held in memory.
 
-        Sharded, every shard writes its own modules' columns; a document is kept only when
-        its gradient is finite on every shard.
-
-        Args:
-            drop: rows within the file to skip (duplicate ids), with their reason.
+        Sharded, every shard holds its own modules' columns (a peer under the pass's session
+        id); a document is kept only when its gradient is finite on every shard.
         """
-        t0 = time.perf_counter()
         if TEST_DELAY_ENV in os.environ:  # test-only: widens the window for fault-injection tests
             time.sleep(float(os.environ[TEST_DELAY_ENV]))
         if CRASH_ONCE_ENV in os.environ and not os.path.exists(os.environ[CRASH_ONCE_ENV]):
@@ -342,30 +350,74 @@ class Worker(ShardPeer):
                 sids[stage] = sid
             flats[stage] = flat
         skipped += [(docs[j].doc_id, "non_finite_gradient") for j in (~keep).nonzero(as_tuple=True)[0].tolist()]
-        kept_rows = keep.nonzero(as_tuple=True)[0].tolist()
-        kept_docs = [docs[i] for i in kept_rows]
+        return PartitionRows(docs, examples, skipped, keep, flats, sids)
+
+    def _finish_partition(self, part: Partition, rows: "PartitionRows", t0: float) -> dict:
+        """Writes the partition's documents and skipped rows; its counts for the driver."""
+        kept = rows.kept_rows
+        write_docs_piece(self.run, part, rows.kept_docs, [rows.examples[i] for i in kept],
+                         self.cfg.scoring.doc_text_chars)
+        write_skipped_piece(self.run, part, rows.skipped)
+        return {
+            "partition": part.key,
+            "docs": len(kept),
+            "skipped": len(rows.skipped),
+            "tokens": sum(len(rows.examples[i]) for i in kept),
+            "truncated": sum(rows.examples[i].truncated for i in kept),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def index(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None = None) -> dict:
+        """Projected gradients of one partition at each of ``stages``' models, written to the run dir.
+
+        Sharded, every shard writes its own modules' columns.
+
+        Args:
+            drop: rows within the file to skip (duplicate ids), with their reason.
+        """
+        t0 = time.perf_counter()
+        rows = self._index_rows(part, stages, drop)
+        kept_docs, keep = rows.kept_docs, rows.keep
         prov = partition_provenance(part, drop)
         stubs = [dataclasses.replace(d, text="") for d in kept_docs]
         writes = []
         for stage in stages:
-            if stage in sids:
-                writes += self._peer_results("write_index", sids[stage], stage, part, stubs, keep, prov)
+            if stage in rows.sids:
+                writes += self._peer_results("write_index", rows.sids[stage], stage, part, stubs, keep, prov)
             elif self.peers:  # an empty partition: every shard writes its empty piece
                 writes += [p.write_empty_index.remote(stage, part, prov) for p in self.peers]
-            write_index_piece(self.run, stage, self.shard, part, kept_docs, flats[stage][keep],
+            write_index_piece(self.run, stage, self.shard, part, kept_docs, rows.flats[stage][keep],
                               parse_dtype(self.cfg.projection.dtype), prov)
         if writes:
             self._peer_get(writes)
-        write_docs_piece(self.run, part, kept_docs, [examples[i] for i in kept_rows], self.cfg.scoring.doc_text_chars)
-        write_skipped_piece(self.run, part, skipped)
-        return {
-            "partition": part.key,
-            "docs": len(kept_docs),
-            "skipped": len(skipped),
-            "tokens": sum(len(examples[i]) for i in kept_rows),
-            "truncated": sum(examples[i].truncated for i in kept_rows),
-            "seconds": time.perf_counter() - t0,
-        }
+        return self._finish_partition(part, rows, t0)
+
+    def fused_score(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None,
+                    methods: Sequence[str], k: int, token: str) -> dict:
+        """The corpus pass of one partition scored on the spot: its top-k per method, no index.
+
+        The projected gradients are rounded to ``projection.dtype`` and scored as the score
+        stage scores an index piece, so the results are those of index + score. The top-k
+        is also written under ``fused/<token>/`` (``token``: the query set, methods and k),
+        so a rerun over the same queries skips the partition.
+
+        Returns:
+            the counts of :meth:`index`, plus ``top_k``: ``{method: (values [Q, k'], global positions [Q, k'])}``.
+        """
+        t0 = time.perf_counter()
+        rows = self._index_rows(part, stages, drop)
+        file_rows = torch.tensor([d.row for d in rows.kept_docs], dtype=torch.int64)
+        dtype = parse_dtype(self.cfg.projection.dtype)
+        refs = ([p.held_partial_scores.remote(rows.sids, rows.keep, file_rows, list(methods)) for p in self.peers]
+                if rows.sids else [])
+        partial, _ = self._partial_scores(methods, rows_scan(rows.flats, rows.keep, file_rows, dtype))
+        partial = _add_partials(part, partial, file_rows, self._peer_get(refs) if refs else [])
+        top = _top_k_of(part, partial, file_rows, k)
+        offset = part.offset - part.start
+        sqnorms = {Method.parse(m).doc_model: sq for m, (_, sq, _) in partial.items()}
+        write_fused_piece(self.run, token, part, {m: (v, p - offset) for m, (v, p) in top.items()}, sqnorms,
+                          file_rows, partition_provenance(part, drop))
+        return {**self._finish_partition(part, rows, t0), "top_k": top}
 
     # --------------------------------------------------------------- queries
 
@@ -422,11 +474,11 @@ class Worker(ShardPeer):
 
     # ----------------------------------------------------------------- score
 
-    def token_terms(self, stage: str, requests: Sequence) -> list:
+    def token_terms(self, stage: str, requests: Sequence, fused_token: str | None = None) -> list:
         """Per-token and per-module terms of top documents (:mod:`ray_influence.token_influence`)."""
         from .token_influence import worker_token_terms
 
-        return worker_token_terms(self, stage, requests)
+        return worker_token_terms(self, stage, requests, fused_token)
 
     def example_terms(self, stage: str, example: Example, pairs: Sequence) -> torch.Tensor | None:
         """``[M, R, T]`` per-module, per-position terms of one document for the (method, query) pairs.
@@ -452,8 +504,14 @@ class Worker(ShardPeer):
                 specs += other
         return tuple(s.name for s in specs), tuple(s.block for s in specs)
 
-    def doc_sqnorms(self, stage: str, part: Partition) -> dict[int, float]:
-        """``{row: squared norm}`` of a partition's index rows, summed over shards."""
+    def doc_sqnorms(self, stage: str, part: Partition, fused_token: str | None = None) -> dict[int, float]:
+        """``{row: squared norm}`` of a partition's index rows, summed over shards.
+
+        ``fused_token``: read them from that fused pass's piece instead (there is no index).
+        """
+        if fused_token is not None:
+            sq, rows = read_fused_sqnorms(self.run, fused_token, part, stage)
+            return dict(zip(rows.tolist(), sq.tolist()))
         sq, rows = self.shard_doc_sqnorms(stage, part)
         if self.peers:
             for other, _ in self._peer_get([p.shard_doc_sqnorms.remote(stage, part) for p in self.peers]):
@@ -475,51 +533,93 @@ class Worker(ShardPeer):
             self._queries_cache = (token, read_query_vectors(self.run, self.shard))
         return self._queries_cache[1]
 
-    def partial_scores(self, part: Partition, methods: Sequence[str]) -> tuple[dict, torch.Tensor]:
-        """This shard's partial scores of one partition (summed over shards later).
+    def _partial_scores(self, methods: Sequence[str], scan) -> tuple[dict, torch.Tensor]:
+        """This shard's partial scores of one partition's rows, fed stage by stage by ``scan``.
 
-        Each index piece is streamed once (:class:`~ray_influence.store.IndexPieceReader`:
-        read and checksum in a background thread, overlapped with the matmuls), however
-        many methods score against it.
+        ``scan(stage, add)`` feeds the stage's document rows block by block to ``add`` and
+        returns ``(doc sqnorm [N], rows within the file [N])``.
 
         Returns:
-            ``({method: (scores [Q, N] float64, doc sqnorm [N], query sqnorm [Q])}, rows within the file [N])``.
+            ``({method: (scores [Q, N] float64, doc sqnorm [N], query sqnorm [Q])}, rows [N])``.
         """
         qv = self._query_vectors()
         by_stage: dict[str, list[str]] = {}
         for m in methods:
             method = Method.parse(m)
             by_stage.setdefault(method.doc_model, []).append(method.value)
-        if self._piece_reader is None:
-            self._piece_reader = IndexPieceReader(self.run)
         out, rows = {}, None
         for stage, names in by_stage.items():
             block_scores = BlockScores({m: qv["vectors"][m] for m in names})
-            sqnorm, rows = self._piece_reader.scan(stage, self.shard, part, block_scores.add)
+            sqnorm, rows = scan(stage, block_scores.add)
             out.update({m: (s, sqnorm, qv["vectors"][m].to(torch.float64).square().sum(1))
                         for m, s in block_scores.result().items()})
         order = [Method.parse(m).value for m in methods]
         return {m: out[m] for m in order}, rows  # every stage's piece holds the same rows
 
-    def score(self, part: Partition, methods: Sequence[str], k: int) -> dict:
-        """Top-k of one partition per method: ``{method: (values [Q, k'], global positions [Q, k'])}``.
+    def partial_scores(self, part: Partition, methods: Sequence[str]) -> tuple[dict, torch.Tensor]:
+        """This shard's partial scores of one partition's index pieces (summed over shards later).
 
-        The partial scores (and squared norms) of the shards add up to the scores; cosine
-        scores divide by the query's and document's full norms.
+        Each index piece is streamed once (:class:`~ray_influence.store.IndexPieceReader`:
+        read and checksum in a background thread, overlapped with the matmuls), however
+        many methods score against it.
         """
+        if self._piece_reader is None:
+            self._piece_reader = IndexPieceReader(self.run)
+        return self._partial_scores(methods, lambda stage, add: self._piece_reader.scan(stage, self.shard, part, add))
+
+    def score(self, part: Partition, methods: Sequence[str], k: int) -> dict:
+        """Top-k of one partition per method: ``{method: (values [Q, k'], global positions [Q, k'])}``."""
         refs = [p.partial_scores.remote(part, methods) for p in self.peers]
         partial, rows = self.partial_scores(part, methods)
-        for other, other_rows in self._peer_get(refs) if refs else []:
-            if not torch.equal(other_rows, rows):
-                raise RuntimeError(f"partition {part.key}: the shards' index pieces hold different rows")
-            partial = {m: tuple(a + b for a, b in zip(partial[m], other[m])) for m in partial}
-        positions = rows + (part.offset - part.start)  # this run's global positions
-        out = {}
-        for m, (s, sqnorm, qsq) in partial.items():
-            if Method.parse(m).cosine:
-                s = s / (qsq.sqrt()[:, None] * sqnorm.sqrt()[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
-            out[m] = top_k(s, k, positions)
-        return out
+        return _top_k_of(part, _add_partials(part, partial, rows, self._peer_get(refs) if refs else []), rows, k)
+
+
+def _add_partials(part: Partition, partial: dict, rows: torch.Tensor, others: Sequence) -> dict:
+    """The shards' partial scores and squared norms, added up (``others``: the peers' ``(partial, rows)``)."""
+    for other, other_rows in others:
+        if not torch.equal(other_rows, rows):
+            raise RuntimeError(f"partition {part.key}: the shards' index pieces hold different rows")
+        partial = {m: tuple(a + b for a, b in zip(partial[m], other[m])) for m in partial}
+    return partial
+
+
+def _top_k_of(part: Partition, partial: dict, rows: torch.Tensor, k: int) -> dict:
+    """The top-k per method of a partition's scores; cosine scores divide by the query's and document's norms."""
+    positions = rows + (part.offset - part.start)  # this run's global positions
+    out = {}
+    for m, (s, sqnorm, qsq) in partial.items():
+        if Method.parse(m).cosine:
+            s = s / (qsq.sqrt()[:, None] * sqnorm.sqrt()[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+        out[m] = top_k(s, k, positions)
+    return out
+
+
+@dataclasses.dataclass
+class PartitionRows:
+    """One partition's documents and, per stage, its flat projected gradients (all rows).
+
+    Attributes:
+        docs: the partition's readable documents; ``examples`` their tokens, in order.
+        skipped: ``(doc_id, reason)`` of the rows not kept.
+        keep: ``[len(docs)]`` bool, the documents with a finite gradient on every shard.
+        flats: ``{stage: [len(docs), width]}`` this shard's columns (rows not kept are junk).
+        sids: ``{stage: session id}`` under which the peers hold their columns.
+    """
+
+    docs: list
+    examples: list
+    skipped: list
+    keep: torch.Tensor
+    flats: dict
+    sids: dict
+
+    @property
+    def kept_rows(self) -> list[int]:
+        return self.keep.nonzero(as_tuple=True)[0].tolist()
+
+    @property
+    def kept_docs(self) -> list:
+        return [self.docs[i] for i in self.kept_rows]
 
 
 def _resolve(refs: dict) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -121,6 +122,14 @@ def test_two_sharded_replicas_match(tmp_path, ray_local):
     for n in a:
         assert torch.allclose(b[n], a[n], rtol=FACTOR_RTOL, atol=0), n
     assert_same_rows(results(two["run_dir"]), results(one["run_dir"]), (3,))
+    # Fused: each shard scores its own columns during the corpus pass; no index is written.
+    fused = sharded(cfg, 2, "fused", replicas=2, num_cpus_per_worker=0.5)
+    fused["scoring"]["fused"] = True
+    run_job(config_from_dict(fused), progress=False)
+    assert not (Path(fused["run_dir"]) / "index").exists()
+    for table in ("results", "token_influence", "layer_influence"):
+        col = 3 if table == "results" else 4
+        assert_same_rows(results(fused["run_dir"], table), results(one["run_dir"], table), (col,))
 
 
 def test_a_shard_holds_only_its_own_weights(tmp_path, ray_local):
