@@ -62,28 +62,30 @@ class LambdaCollector:
     def add_docs(self, n_docs: int) -> None:
         self._docs += n_docs
 
-    def _basis(self, name: str, which: str, like: torch.Tensor) -> torch.Tensor:
-        """``Q_A`` or ``Q_G`` on ``like``'s device and dtype, converted once per pass."""
-        key = (name, which, like.device, like.dtype)
+    def _basis(self, name: str, which: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``Q_A`` or ``Q_G`` in ``dtype`` on ``device``, converted once per pass."""
+        key = (name, which, device, dtype)
         if key not in self._converted:
             q = getattr(self._bases[name], which)
-            self._converted[key] = ekfac.aligned_empty(q.shape, like.dtype, like.device).copy_(q)
+            self._converted[key] = ekfac.aligned_empty(q.shape, dtype, device).copy_(q)
         return self._converted[key]
 
     def keep_input(self, name: str, a: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``(a in A's eigenbasis, True)``, or ``(a, False)`` when ``DW`` is rotated instead."""
-        q_a = self._basis(name, "q_a", a)
         d_out = self._bases[name].q_g.shape[0]
         if ekfac.rotates_per_token(a.shape[1], a.shape[-1], d_out, self.samples)[0]:
-            return ekfac.rotate_activations(a, q_a), True
+            return ekfac.rotate_activations(a, self._basis(name, "q_a", a.dtype, a.device)), True
         return a, False
 
     def on_grad(self, name: str, kept: tuple[torch.Tensor, bool], g: torch.Tensor) -> None:
         a, a_rotated = kept
-        q_g = self._basis(name, "q_g", g)
+        work = torch.promote_types(g.dtype, torch.float32)  # DW is rotated in lambda_sum's precision
+        q_g = None
         if ekfac.rotates_per_token(g.shape[1], a.shape[-1], g.shape[-1], self.samples)[1]:
-            g, q_g = ekfac.rotate_gradients(g, q_g), None
-        q_a = None if a_rotated else self._basis(name, "q_a", a)
+            g = ekfac.rotate_gradients(g, self._basis(name, "q_g", g.dtype, g.device))
+        else:
+            q_g = self._basis(name, "q_g", work, g.device)
+        q_a = None if a_rotated else self._basis(name, "q_a", work, a.device)
         self._lam[name] += ekfac.lambda_sum(a, g, q_a, q_g).cpu() / self.samples
 
     def result(self) -> dict[str, ekfac.LambdaStats]:

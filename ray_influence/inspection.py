@@ -83,8 +83,9 @@ def describe_run(url: str) -> dict[str, Any]:
     docs = _markers(run, "docs", ".parquet")
     index = {s: _markers(run, f"index/{s}/shard-0", ".safetensors") for s in doc_stages}
     part_keys = set(manifest.get("partitions", {})) or {n.removesuffix(".parquet") for n in docs}
+    fused = bool(cfg["scoring"].get("fused", False))  # the corpus pass wrote documents, no index
     indexed = [k for k in part_keys if f"{k}.parquet" in docs
-               and all(f"{k}.safetensors" in index[s] for s in doc_stages)]
+               and (fused or all(f"{k}.safetensors" in index[s] for s in doc_stages))]
     queries = run.piece_done(queries_rel(0))
     results = {m.value: _parquet_rows(run, f"results/method={m.value}/part-0.parquet") for m in methods}
     tokens = {t: {m.value: _parquet_rows(run, method_table_rel(t, m.value)) for m in methods} for t in TOKEN_TABLES}
@@ -97,7 +98,7 @@ def describe_run(url: str) -> dict[str, Any]:
     token_top = cfg["scoring"].get("token_influence_top", 0)
     status = {
         "fit": _status(sum(factors[s] for s in fit_stages), len(fit_stages)),
-        "index": _status(len(indexed), len(part_keys)),
+        "index": ("fused: " if fused else "") + _status(len(indexed), len(part_keys)),
         "query": _status(int(queries is not None), 1),
         "score": _status(sum(v is not None for v in results.values()), len(methods)),
         "tokens": _status(sum(v is not None for v in tokens["token_influence"].values()), len(methods))
@@ -113,6 +114,7 @@ def describe_run(url: str) -> dict[str, Any]:
         "finetuned_model": cfg["finetuned_model"],
         "methods": [m.value for m in methods],
         "projection_dim": cfg["projection"]["dim"],
+        "fused": fused,
         "stages": stages,
         "factors": {s: factors[s] for s in fit_stages},
         "partitions": {"total": len(part_keys), "indexed": len(indexed),
@@ -150,7 +152,8 @@ def format_run(info: dict[str, Any]) -> str:
     ]
     detail = {
         "fit": ", ".join(f"{s} factors {'yes' if ok else 'no'}" for s, ok in info["factors"].items()),
-        "index": f"{p['indexed']}/{p['total']} partitions",
+        "index": f"{p['indexed']}/{p['total']} partitions" + (" scored in the corpus pass, no index"
+                                                              if info["fused"] else ""),
         "query": f"{info['queries']} queries" if info["queries"] is not None else "",
         "score": ", ".join(f"{m} {n} rows" for m, n in info["results_rows"].items() if n is not None),
         "tokens": ", ".join(f"{m} {n} rows" for m, n in info["token_influence_rows"].items() if n is not None),
@@ -159,8 +162,8 @@ def format_run(info: dict[str, Any]) -> str:
         lines.append(f"{name:<8} {s['status']:<14} {_seconds(s['seconds']):>7}   {detail[name]}".rstrip())
     lines += [
         "",
-        f"documents  {d['indexed']} indexed, {d['skipped']} skipped",
-        f"partitions {p['total']} ({p['indexed']} indexed)",
+        f"documents  {d['indexed']} {'scored (fused)' if info['fused'] else 'indexed'}, {d['skipped']} skipped",
+        f"partitions {p['total']} ({p['indexed']} {'scored (fused)' if info['fused'] else 'indexed'})",
         f"queries    {info['queries'] if info['queries'] is not None else '-'}",
     ]
     if info["skipped_by_reason"]:

@@ -173,7 +173,7 @@ def loss_terms(
     Returns:
         ``(data losses [B] float64 on the CPU, backward or None)``. ``backward(x)`` runs
         one backward per label sample from the logits to ``x`` and returns the gradients
-        ``[d L_s / d x for each sample]``. None when a row's logits or loss are not finite;
+        ``[d L_s / d x for each sample]``; it can run once. None when a row's logits or loss are not finite;
         those rows' data losses are NaN then, and no backward must run.
     """
     # Half-precision logits are upcast for the softmax; float64 stays float64.
@@ -199,8 +199,12 @@ def loss_terms(
     else:
         targets = list(_sample_targets(probs, batch, seed, pass_name, samples))
     w = weights[..., None]  # [B, T-1, 1]
+    ran = []
 
     def backward(x: torch.Tensor) -> list[torch.Tensor]:
+        if ran:  # the last sample's gradient overwrote the probabilities
+            raise RuntimeError("loss_terms' backward runs once")
+        ran.append(True)
         out = []
         for s, y in enumerate(targets):
             last = s == len(targets) - 1

@@ -12,7 +12,9 @@ Layout (``<stage>`` is ``pretrained`` or ``finetuned``, ``<part>`` a partition k
     index/<stage>/shard-<s>/<part>.safetensors  projected document gradients (+ marker)
     docs/<part>.parquet                   doc_id, doc_text, n_tokens, truncated (+ marker)
     skipped/<part>.parquet                rows skipped in a partition (+ marker)
-    queries/vectors.safetensors           preconditioned, projected query vectors (+ marker)
+    queries/vectors.shard-<s>.safetensors preconditioned, projected query vectors (+ marker)
+    fused/<token>/<part>.safetensors      scoring.fused: a partition's top-k for one query set
+                                          (<token>), and its documents' squared norms (+ marker)
     results/method=<m>/part-0.parquet     top-k per query
     token_influence/method=<m>/part-0.parquet   per-token terms of the top documents
     layer_influence/method=<m>/part-0.parquet   per-module terms of the top documents

@@ -239,6 +239,21 @@ def test_lambda_pass_on_long_documents_rotates_per_document(model64):
         assert rel(lam[n].lam_sum, (b.q_g.T @ dw[n] @ b.q_a).square().sum(0)) < EXACT, n
 
 
+@pytest.mark.parametrize("sides", [(False, False), (True, False), (False, True)])
+def test_lambda_pass_per_document_rotation_with_label_samples(model64, monkeypatch, sides):
+    # The true Fisher with 2 samples: per-token a is shared by the samples, DW is per sample.
+    specs = find_tracked_modules(model64)
+    cov = covariance_pass(model64, random_examples(6), specs, Fisher.TRUE, samples=2, seed=1)
+    bases = {n: ekfac.eigenbasis(c) for n, c in cov.items()}
+    docs = random_examples(6, max_len=12)
+    monkeypatch.setattr(ekfac, "rotates_per_token", lambda *args: (True, True))
+    want = lambda_pass(model64, docs, specs, bases, Fisher.TRUE, samples=2, seed=1)
+    monkeypatch.setattr(ekfac, "rotates_per_token", lambda *args: sides)
+    got = lambda_pass(model64, docs, specs, bases, Fisher.TRUE, samples=2, seed=1)
+    for n in specs:
+        assert rel(got[n].lam_sum, want[n].lam_sum) < EXACT, n
+
+
 def test_rotations_on_aligned_rows():
     gen = torch.Generator().manual_seed(1)
     a = ekfac.aligned_empty((2, 5, 33), torch.float64, "cpu")

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from test_job import results, with_
-from world import build_world, write_config
+from world import build_world, corpus_rows, write_config, write_corpus_file
 from ray_influence.config import config_from_dict
 from ray_influence.driver import run_job
+from ray_influence.inspection import describe_run
+from ray_influence.worker import CRASH_ONCE_ENV
 
 SCORE_RTOL = 1e-12  # the same float64 sums, in the same order
 
@@ -100,3 +102,32 @@ def test_index_stage_of_a_fused_config_exits_2(world, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "scoring.fused" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "never").exists()
+
+
+def test_fused_over_a_grown_corpus_scores_only_the_new_partitions(world, tmp_path):
+    root, cfg, _ = world
+    corpus = tmp_path / "corpus"
+    write_corpus_file(corpus / "b.parquet", corpus_rows(10, seed=5))
+    fused = with_(cfg, run_dir=str(tmp_path / "fused"), corpus__path=str(corpus), corpus__partition_docs=4,
+                  scoring__fused=True, scoring__token_influence_top=0)
+    indexed = with_(fused, run_dir=str(tmp_path / "indexed"), scoring__fused=False)
+    assert run_job(config_from_dict(fused), progress=False)["score_corpus"]["partitions"] == 3
+    run_job(config_from_dict(indexed), progress=False)  # the same factors (fitted on b.parquet) for both
+    # a.parquet sorts first: b.parquet's partitions keep their pieces but move to later positions.
+    write_corpus_file(corpus / "a.parquet", corpus_rows(6, seed=6, start_id=100))
+    assert run_job(config_from_dict(fused), progress=False)["score_corpus"]["partitions"] == 2
+    run_job(config_from_dict(indexed), progress=False)
+    assert_same(results(fused["run_dir"]), results(indexed["run_dir"]), 4)
+    info = describe_run(fused["run_dir"])
+    assert info["stages"]["index"]["status"] == "fused: done" and info["documents"]["indexed"] == 16
+
+
+def test_a_worker_killed_mid_fused_pass_gives_identical_results(world, tmp_path, monkeypatch):
+    root, cfg, _ = world
+    flag = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(flag))
+    fused = with_(cfg, run_dir=str(tmp_path / "fused"), scoring__fused=True)
+    summary = run_job(config_from_dict(fused), progress=False)
+    assert flag.exists(), "the fault was not injected"
+    assert summary["score_corpus"]["partitions"] == summary["score_corpus"]["partitions_total"]
+    assert_same(results(fused["run_dir"]), results(cfg["run_dir"]), 4)

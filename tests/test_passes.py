@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from conftest import random_examples
-from ray_influence.passes import _finite_positions, _sample_targets
+from conftest import VOCAB, random_examples
+from ray_influence.passes import Labels, _finite_positions, _sample_targets, loss_terms
 from ray_influence.tokens import collate
 
 FREQ_TOL = 0.02  # |empirical - model| probability with 40 000 draws per position (sd <= 0.0025)
@@ -76,3 +77,29 @@ def test_finite_positions_is_exact():
     want = torch.isfinite(x).all(-1)
     assert torch.equal(_finite_positions(x), want)
     assert bool(_finite_positions(torch.randn(3, 5, 6)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_closed_form_logits_gradient_is_autograds(dtype):
+    """``loss_terms``' backward equals autograd through log-softmax, for every label sample."""
+    docs = random_examples(4, seed=9, prompt_len=2)
+    batch = collate(docs)
+    gen = torch.Generator().manual_seed(3)
+    b, t, d, v, samples = *batch.input_ids.shape, 6, VOCAB, 3
+    w = torch.randn(d, v, generator=gen, dtype=torch.float64)
+    x = torch.randn(b, t, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        logits = (x @ w).to(dtype)  # [B, T, V]
+        _, backward = loss_terms(logits, batch, Labels.SAMPLED, 4, "fisher", samples)
+        got = backward(x)
+        with pytest.raises(RuntimeError, match="once"):
+            backward(x)
+        upcast = (x @ w).to(dtype).to(torch.promote_types(dtype, torch.float32))  # a fresh graph
+        logp = torch.log_softmax(upcast[:, :-1], -1)
+        targets = _sample_targets(logp.detach().exp(), batch, 4, "fisher", samples)  # [S, B, T-1]
+        weights = batch.loss_mask[:, 1:].to(logp.dtype)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for s in range(samples):
+            loss = -(logp.gather(-1, targets[s][..., None]).squeeze(-1) * weights).sum()
+            want = torch.autograd.grad(loss, x, retain_graph=True)[0]
+            assert (got[s] - want).abs().max() <= tol * want.abs().max(), s
