@@ -9,6 +9,8 @@ writes JSON. A benchmark, not a test: nothing here asserts.
 Sections:
   passes   tokens/s of a forward+backward training step (weight gradients, no optimizer
            step) vs the covariance, Λ, index (projected) and query (exact) passes
+  rotation the Λ pass with every rotation per token vs the per-document choice (ekfac.rotates_per_token),
+           on the --long documents (not in the default sections)
   scoring  (documents x queries)/s of reading index pieces + scores + top-k, vs a bare matmul
   job      the whole job on local Ray: wall time per stage, peak RSS per worker, at N, 2N, 4N
            documents; 1 replica on 1 core vs 2 replicas on 2 cores; and scoring.fused at 2N
@@ -138,6 +140,35 @@ def bench_passes(name: str, args, lo: int, hi: int, n_docs: int) -> dict:
     out["cov_plus_lambda_vs_training"] = statistics.median(per_round)
     out["cov_plus_lambda_vs_training_range"] = [min(per_round), max(per_round)]
     return out
+
+
+def bench_rotation(name: str, args, lo: int, hi: int, n_docs: int) -> dict:
+    """The Λ pass with every rotation forced per token, against the cost model's choice (ekfac.rotates_per_token)."""
+    from ray_influence import ekfac
+
+    spec = MODELS[name]
+    model = freeze(tiny_model("gpt_neox", spec["vocab"], spec["hidden"], spec["layers"], spec["heads"],
+                              positions=max(512, hi)))
+    specs = find_tracked_modules(model)
+    docs = random_docs(n_docs, spec["vocab"], lo, hi)
+    cov = attribution.covariance_pass(model, docs[:8], specs, Fisher.TRUE)
+    bases = {n: ekfac.eigenbasis(c) for n, c in cov.items()}
+    choose = ekfac.rotates_per_token
+
+    def lam(forced: bool):
+        ekfac.rotates_per_token = (lambda *a: (True, True)) if forced else choose
+        try:
+            return attribution.lambda_pass(model, docs, specs, bases, Fisher.TRUE, 1, 0, args.max_tokens)
+        finally:
+            ekfac.rotates_per_token = choose
+
+    a, b = lam(True), lam(False)
+    diff = max(((a[n].lam_sum - b[n].lam_sum).norm() / a[n].lam_sum.norm()).item() for n in a)
+    times = interleaved_times({"per_token": lambda: lam(True), "cost_model": lambda: lam(False)}, args.repeats)
+    t_tok, t_model = statistics.median(times["per_token"]), statistics.median(times["cost_model"])
+    return {"model": name, "lengths": [lo, hi], "docs": n_docs, "tokens": sum(len(d) for d in docs),
+            "seconds": times, "per_token_s": t_tok, "cost_model_s": t_model, "speedup": t_tok / t_model,
+            "lambda_max_rel_diff": diff}
 
 
 def bench_scoring(args) -> dict:
@@ -280,6 +311,11 @@ def table(results: dict) -> str:
         r_lo, r_hi = p["cov_plus_lambda_vs_training_range"]
         lines.append(f"\ncovariance + Λ per token: {p['cov_plus_lambda_vs_training']:.2f} training steps "
                      f"(rounds: {r_lo:.2f}–{r_hi:.2f})")
+    for r in results.get("rotation", []):
+        lo, hi = r["lengths"]
+        lines.append(f"\nΛ pass, {r['model']}, {r['docs']} docs of {lo}–{hi} tokens: every rotation per token "
+                     f"{r['per_token_s']:.2f} s, rotation side by cost model {r['cost_model_s']:.2f} s "
+                     f"({r['speedup']:.2f}x); Λ max relative difference {r['lambda_max_rel_diff']:.1e}")
     if "scoring" in results:
         s = results["scoring"]
         lines.append(f"\nscoring ({s['docs']} docs x {s['queries']} queries, width {s['width']}, top-{s['top_k']}): "
@@ -315,6 +351,10 @@ def main(args) -> int:
             lo, hi = args.long
             n_long = max(1, round(args.docs * (args.min_len + args.max_len) / (lo + hi)))  # as many tokens
             results["passes"] += [bench_passes(m, args, lo, hi, n_long) for m in args.models]
+    if "rotation" in args.sections:
+        lo, hi = args.long or (args.min_len, args.max_len)
+        n_rot = max(1, round(args.docs * (args.min_len + args.max_len) / (lo + hi)))
+        results["rotation"] = [bench_rotation(m, args, lo, hi, n_rot) for m in args.models]
     if "scoring" in args.sections:
         results["scoring"] = bench_scoring(args)
     if "job" in args.sections:
