@@ -14,6 +14,8 @@ score stages are cheap and always recomputed, so a new queries file reuses every
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import random
 import sys
 import time
@@ -364,9 +366,6 @@ class Job:
 
     def fused_token(self) -> str:
         """Names what a fused pass scores: every shard's query vectors, the methods, k, the index dtype."""
-        import hashlib
-        import json
-
         shas = []
         for s in range(self.cfg.cluster.shards):
             marker = self.run.piece_done(queries_rel(s))
