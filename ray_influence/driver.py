@@ -36,10 +36,10 @@ from .store import (
     STAGES,
     docs_rel,
     factors_rel,
+    fused_from_bytes,
     fused_rel,
     index_rel,
     queries_rel,
-    read_fused_piece,
     read_parquet_piece,
     skipped_rel,
     results_table,
@@ -280,23 +280,26 @@ class Job:
     # ----------------------------------------------------------------- index
 
     def _piece_ok(self, rel: str, provenance: dict | None = None) -> bool:
-        """Whether a piece is complete, intact and (for index pieces) still matches the corpus.
+        """Whether a piece is complete, intact and (for index pieces) still matches the corpus."""
+        return self._verified_piece(rel, provenance) is not None
+
+    def _verified_piece(self, rel: str, provenance: dict | None = None) -> bytes | None:
+        """A complete, intact piece's bytes, if it (for corpus pieces) still matches the corpus; else None.
 
         A damaged piece (checksum mismatch) is dropped, so it is recomputed, and counted.
         """
         marker = self.run.piece_done(rel)
         if marker is None:
-            return False
+            return None
         if provenance is not None and any(marker.get(k) != v for k, v in provenance.items()):
-            return False  # the file changed, or the duplicate rows did
+            return None  # the file changed, or the duplicate rows did
         try:
-            self.run.read_piece(rel)
+            return self.run.read_piece(rel)
         except DamagedArtifact as e:
             self.log(f"damaged, recomputing: {e}")
             self.damaged.append(rel)
             self.run.invalidate(rel)
-            return False
-        return True
+            return None
 
     def _partition_done(self, part: Partition, stages: Sequence[str]) -> bool:
         prov = partition_provenance(part, self.duplicates.get(part.key))
@@ -387,11 +390,11 @@ class Job:
         merged: dict = {}
         todo = []
         for p in parts:
-            prov = partition_provenance(p, self.duplicates.get(p.key))
-            if all((self._piece_ok(fused_rel(token, p.key), prov), self._piece_ok(docs_rel(p.key)),
-                    self._piece_ok(skipped_rel(p.key)))):
+            data = self._verified_piece(fused_rel(token, p.key), partition_provenance(p, self.duplicates.get(p.key)))
+            if data is not None and self._piece_ok(docs_rel(p.key)) and self._piece_ok(skipped_rel(p.key)):
                 offset = p.offset - p.start
-                _merge_into(merged, {m: (v, r + offset) for m, (v, r) in read_fused_piece(self.run, token, p).items()}, k)
+                top = fused_from_bytes(data)[0]
+                _merge_into(merged, {m: (v, r + offset) for m, (v, r) in top.items()}, k)
             else:
                 todo.append(p)
         self.log(f"score (fused): {len(parts) - len(todo)} of {len(parts)} partitions already scored for these "

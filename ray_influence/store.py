@@ -73,17 +73,17 @@ def write_fused_piece(run: RunDir, token: str, part: Partition, top: dict, sqnor
                             **provenance})
 
 
-def read_fused_piece(run: RunDir, token: str, part: Partition) -> dict:
-    """``{method: (values [Q, k'], rows within the file [Q, k'])}`` of a verified fused piece."""
-    data = run.read_piece(fused_rel(token, part.key))
+def fused_from_bytes(data: bytes) -> tuple[dict, dict, torch.Tensor]:
+    """A fused piece (:func:`write_fused_piece`) as ``(top, sqnorms, rows)``, the arguments it was written from."""
     t = st_load(data)
-    return {m: (t[f"{m}.values"], t[f"{m}.rows"]) for m in _header_json(data)["methods"]}
+    top = {m: (t[f"{m}.values"], t[f"{m}.rows"]) for m in _header_json(data)["methods"]}
+    sqnorms = {k.removeprefix("sqnorm."): v for k, v in t.items() if k.startswith("sqnorm.")}
+    return top, sqnorms, t["doc_rows"]
 
 
-def read_fused_sqnorms(run: RunDir, token: str, part: Partition, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(squared norms [N], rows within the file [N])`` of a fused piece's documents at ``stage``."""
-    t = st_load(run.read_piece(fused_rel(token, part.key)))
-    return t[f"sqnorm.{stage}"], t["doc_rows"]
+def read_fused_piece(run: RunDir, token: str, part: Partition) -> tuple[dict, dict, torch.Tensor]:
+    """:func:`fused_from_bytes` of a verified fused piece."""
+    return fused_from_bytes(run.read_piece(fused_rel(token, part.key)))
 
 
 def queries_rel(shard: int) -> str:

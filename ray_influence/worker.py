@@ -44,7 +44,7 @@ from .store import (
     IndexPieceReader,
     factors_rel,
     queries_rel,
-    read_fused_sqnorms,
+    read_fused_piece,
     read_query_vectors,
     write_docs_piece,
     write_fused_piece,
@@ -510,8 +510,8 @@ class Worker(ShardPeer):
         ``fused_token``: read them from that fused pass's piece instead (there is no index).
         """
         if fused_token is not None:
-            sq, rows = read_fused_sqnorms(self.run, fused_token, part, stage)
-            return dict(zip(rows.tolist(), sq.tolist()))
+            _, sqnorms, rows = read_fused_piece(self.run, fused_token, part)
+            return dict(zip(rows.tolist(), sqnorms[stage].tolist()))
         sq, rows = self.shard_doc_sqnorms(stage, part)
         if self.peers:
             for other, _ in self._peer_get([p.shard_doc_sqnorms.remote(stage, part) for p in self.peers]):
