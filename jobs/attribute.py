@@ -3,7 +3,8 @@
     ray job submit --working-dir . -- python jobs/attribute.py --config CONFIG.yaml
 
 Connects to the cluster with a plain `ray.init()` (the job's address comes from Ray) and
-runs every stage the run directory does not already hold (see `ray-influence run`).
+runs every stage the run directory does not already hold. It is `ray-influence run`
+(:func:`ray_influence.cli.main`) under the flags a job script is called with.
 """
 
 from __future__ import annotations
@@ -21,27 +22,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", default="all", choices=["all", "fit", "index", "query", "score"],
                    help="one stage only (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--summary-json", default=None, help="also write the final summary as JSON to this local file")
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
+    from ray_influence.cli import main as cli_main
 
-    from ray_influence.cli import EXIT_BAD_INPUT, USER_ERRORS, print_summary
-    from ray_influence.config import load_config
-    from ray_influence.driver import run_job, stages_of
-    from ray_influence.preflight import preflight
-
-    try:
-        cfg = load_config(args.config)
-        preflight(cfg, stages_of(args.stage))
-        ray.init()
-        summary = run_job(cfg, args.stage, progress=not args.no_progress, checked=True)
-    except USER_ERRORS as e:
-        print(f"attribute.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print_summary(summary, cfg.run_dir)
-    return 0
+    argv = ["run", args.config, "--stage", args.stage]
+    argv += ["--no-progress"] if args.no_progress else []
+    argv += ["--summary-json", args.summary_json] if args.summary_json else []
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

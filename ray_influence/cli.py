@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .preflight import preflight
 
     cfg = load_config(args.config)
-    preflight(cfg, stages_of(args.stage, cfg.scoring.fused))  # bad input fails here, before Ray starts or anything is written
+    preflight(cfg, stages_of(args.stage, cfg.scoring.scoring_mode))  # bad input fails here, before Ray starts or anything is written
     init_ray()
     summary = run_job(cfg, args.stage, progress=not args.no_progress, checked=True)
     if not args.no_progress:

@@ -3,7 +3,8 @@
 - :class:`CovarianceCollector`: partial sums of A and G (covariance pass);
 - :class:`LambdaCollector`: partial sums of Λ in a fixed eigenbasis (Λ pass);
 - :class:`GradientCollector`: exact per-document gradients ``DW`` (queries, exact index);
-- :class:`ProjectedCollector`: projected per-document gradients ``Ĝ`` (the index).
+- :class:`ProjectedCollector`: projected per-document gradients ``Ĝ`` (the index);
+- :class:`QueryScoreCollector`: exact per-document scores against low-rank queries (the default).
 
 Each is fed batch after batch through :func:`ray_influence.passes.run_pass` and read
 out once at the end. They hold plain tensors and know nothing of Ray.
@@ -15,7 +16,7 @@ from collections import defaultdict
 
 import torch
 
-from . import ekfac
+from . import ekfac, lowrank
 from .modules import ModuleSpec
 from .projection import Projection, project_activations, project_gradients, projected_doc_gradients
 
@@ -136,3 +137,88 @@ class ProjectedCollector(_PerDocCollector):
     def on_grad(self, name: str, pa: torch.Tensor, g: torch.Tensor) -> None:
         pg = project_gradients(g, self._proj[name])
         self._store(name, projected_doc_gradients(pa, pg))
+
+
+class QueryScoreCollector:
+    """Exact per-document scores against low-rank query factors, and ``‖DW‖_F²`` (the exact pass).
+
+    No gradient is kept: each batch's ``a`` and ``g`` are contracted with every query's
+    factors at once (:mod:`ray_influence.lowrank`), per module by the cheaper of the
+    low-rank contraction and forming ``DW`` (:func:`~ray_influence.lowrank.forms_gradient`),
+    and summed over modules into one ``[B, Q]`` block per batch.
+
+    Args:
+        factors: ``{name: QueryFactors}`` of the pass's ``Q`` query vectors (every method
+            scored against this model, concatenated), each module's rank the same for all.
+        dense_max_bytes: the largest dense ``u_r`` (``[Q, d_out, d_in']`` in the work dtype)
+            a module may build for the formed-gradient side; past it the low-rank side runs.
+        force: ``"low_rank"`` or ``"dense"`` to pin every module's side (tests); None: cost model.
+    """
+
+    samples = 1
+
+    def __init__(self, factors: dict, dense_max_bytes: int = 256 << 20, force: str | None = None):
+        self._factors = factors
+        self._dense_max = dense_max_bytes
+        self._force = force
+        self._converted: dict = {}
+        self._calls: dict[str, int] = defaultdict(int)
+        self._scores: list[torch.Tensor] = []  # per batch [B, Q] float64, summed over modules
+        self._sqnorms: list[torch.Tensor] = []  # per batch [B] float64
+        self.sides: dict[str, set] = defaultdict(set)  # which side each module took (for tests)
+
+    def _prepared(self, name: str, side: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, side, dtype, device)
+        if key not in self._converted:  # converted once per pass, not once per batch
+            f = self._factors[name]
+            if side == "dense":
+                t = lowrank.dense(f).flatten(1)  # [Q, o i]
+            elif side == "left":
+                t = f.left.permute(1, 0, 2)  # [o, Q, r]
+            else:
+                t = f.right.permute(1, 0, 2)  # [i, Q, r]
+            self._converted[key] = t.to(device=device, dtype=dtype).contiguous()
+        return self._converted[key]
+
+    def keep_input(self, name: str, a: torch.Tensor) -> torch.Tensor:
+        return a
+
+    def _forms(self, name: str, n_tokens: int, d_in: int, d_out: int, itemsize: int) -> bool:
+        if self._force is not None:
+            return self._force == "dense"
+        f = self._factors[name]
+        n_q = f.left.shape[0]
+        fits = n_q * d_out * d_in * itemsize <= self._dense_max
+        return fits and lowrank.forms_gradient(n_tokens, d_in, d_out, n_q, f.rank)
+
+    def on_grad(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        work = torch.promote_types(g.dtype, torch.float32)  # bf16 models score in float32
+        a, g = a.to(work), g.to(work)
+        (B, T, d_in), d_out = a.shape, g.shape[-1]
+        if self._forms(name, T, d_in, d_out, a.element_size()):
+            self.sides[name].add("dense")
+            dw = ekfac.per_doc_gradients(a, g)  # [B, o, i]
+            s = lowrank.dense_scores(dw, self._prepared(name, "dense", work, a.device))
+            sq = dw.square().sum(dim=(1, 2))
+        else:
+            self.sides[name].add("low_rank")
+            s = lowrank.lowrank_scores(a, g, self._prepared(name, "left", work, a.device),
+                                       self._prepared(name, "right", work, a.device))
+            sq = (lowrank.gram_sqnorms(a, g) if lowrank.gram_is_cheaper(T, d_in, d_out)
+                  else ekfac.per_doc_gradients(a, g).square().sum(dim=(1, 2)))
+        j = self._calls[name]  # the j-th backward this module sees is the pass's j-th batch
+        self._calls[name] += 1
+        s, sq = s.detach().to("cpu", torch.float64), sq.detach().to("cpu", torch.float64)
+        if j == len(self._scores):
+            self._scores.append(s)
+            self._sqnorms.append(sq)
+        else:
+            self._scores[j] += s
+            self._sqnorms[j] += sq
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [N, Q], ‖DW‖² [N])`` float64 over every batch, in the order seen, summed over modules."""
+        n_q = next(iter(self._factors.values())).left.shape[0] if self._factors else 0
+        if not self._scores:
+            return torch.zeros(0, n_q, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return torch.cat(self._scores), torch.cat(self._sqnorms)

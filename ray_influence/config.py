@@ -8,6 +8,7 @@ expected; every field carries a help string (``field(metadata={"help": ...})``),
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import types
 import typing
@@ -62,6 +63,9 @@ class ModulesConfig:
     exclude: list = _f(factory=lambda: ["lm_head", "*embed*"], help="glob patterns never tracked")
 
 
+DEFAULT_QUERY_RANK = 16
+"""Rank of the query factors in ``scoring.mode: exact`` (docs/BENCHMARKS.md, exact scoring)."""
+
 DEFAULT_DAMPING = "auto*10"
 """Each stage's damping unless the config says otherwise: mean(Λ) per module, ten times
 kronfluence's 'auto'. Chosen from the damping grid of docs/BENCHMARKS.md (attribution quality)."""
@@ -98,8 +102,38 @@ class ScoringConfig:
     doc_text_chars: int = _f(2000, "characters of doc_text stored in the results")
     token_influence_top: int = _f(10, "top documents per query and method whose per-token and per-layer "
                                       "influence is stored (token_influence/, layer_influence/); 0 disables")
-    fused: bool = _f(False, "score the queries during the corpus pass and write no index (stages fit, query, "
-                            "score); every new query set then needs a new corpus pass")
+    mode: str = _f("exact", "how the corpus is scored: 'exact' (each document's exact gradient against rank-"
+                            "query_rank factors of the preconditioned queries, during the corpus pass, no index; "
+                            "the default), 'index' (a reusable projected index at projection.dim, then a cheap "
+                            "score stage) or 'fused' (the projected rows scored during the corpus pass, no index). "
+                            "The projected modes keep Spearman ~0.3 (multi_stage) / ~0.6 (single_stage) of the exact "
+                            "ranking at dim 32: README, scoring modes")
+    query_rank: int = _f(DEFAULT_QUERY_RANK, "scoring.mode exact: rank of each module's truncated SVD of the "
+                                             "preconditioned query (0 = full rank, exact); clipped to "
+                                             "min(d_out, d_in') per module")
+
+    @property
+    def scoring_mode(self) -> "ScoringMode":
+        return ScoringMode.parse(self.mode)
+
+
+class ScoringMode(str, enum.Enum):
+    """How the corpus is scored (README, scoring modes)."""
+
+    EXACT = "exact"  # exact document gradients against low-rank queries, in the corpus pass
+    INDEX = "index"  # a projected index, then a score stage over it
+    FUSED = "fused"  # projected rows scored in the corpus pass, no index
+
+    @classmethod
+    def parse(cls, value: object) -> "ScoringMode":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown scoring mode {value!r}; expected one of {tuple(m.value for m in cls)}") from None
+
+    @property
+    def has_index(self) -> bool:
+        return self is ScoringMode.INDEX
 
 
 @dataclass(frozen=True)
@@ -143,9 +177,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -221,6 +252,11 @@ def _validate(cfg: Config) -> None:
         _positive(key, value)
     _positive("projection.dim", cfg.projection.dim, allow_zero=True)
     _positive("scoring.token_influence_top", cfg.scoring.token_influence_top, allow_zero=True)
+    _positive("scoring.query_rank", cfg.scoring.query_rank, allow_zero=True)
+    try:
+        cfg.scoring.scoring_mode
+    except ValueError as e:
+        raise ConfigError(f"'scoring.mode': {e}") from None
     _positive("cluster.num_cpus_per_worker", cfg.cluster.num_cpus_per_worker, allow_zero=True)
     _positive("cluster.num_gpus_per_worker", cfg.cluster.num_gpus_per_worker, allow_zero=True)
     _positive("cluster.max_restarts", cfg.cluster.max_restarts, allow_zero=True)

@@ -2,13 +2,18 @@
 
     fit    for θ_pt on a seeded corpus sample, and θ_ft on the fine-tuning data:
            covariance pass (workers) -> merge -> eigh per module (tasks) -> Λ pass -> merge -> save
-    index  per corpus partition: projected document gradients, written by the workers
-    query  query gradients at θ_ft, preconditioned per method, projected
-    score  per partition: scores and top-k (workers) -> merge -> results Parquet
+    query  query gradients at θ_ft, preconditioned per method; then, by scoring.mode,
+           cut to rank-r factors (exact) or projected (index, fused)
+    score  exact / fused: the corpus pass itself, each partition scored on the spot
+           (workers) -> top-k -> merge -> results Parquet; no index is written
+           index: per partition, scores of the stored index and top-k -> merge -> Parquet
+    index  (scoring.mode: index only) per corpus partition: projected document gradients,
+           written by the workers
 
-A rerun skips what is complete: factors whose file is there, index partitions whose
-pieces are there (so a grown corpus indexes only its new partitions). The query and
-score stages are cheap and always recomputed, so a new queries file reuses everything else.
+A rerun skips what is complete: factors whose file is there; in exact and fused mode the
+partitions already scored for the same query set (``fused/<token>/``), so a grown corpus
+scores only its new partitions and new queries start a fresh pass; in index mode the index
+partitions whose pieces are there. The query stage is cheap and always recomputed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import ray
 from tqdm import tqdm
 
 from . import __version__
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ScoringMode
 from .data import Partition, duplicate_rows, list_files, plan_partitions, read_records
 from .preflight import check_run_dir, preflight
 from .reducer import merge_topk, remote_reducer
@@ -42,6 +47,7 @@ from .store import (
     queries_rel,
     read_parquet_piece,
     skipped_rel,
+    stored_query_ids,
     results_table,
     write_results,
     write_skipped_summary,
@@ -51,8 +57,8 @@ from .shard_model import model_blocks, shard_layout
 from .worker import partition_provenance, remote_worker
 
 STAGE_ORDER = ("fit", "index", "query", "score")
-FUSED_STAGE_ORDER = ("fit", "query", "score")
-"""With ``scoring.fused``: the score stage runs the corpus pass itself, and writes no index."""
+PASS_STAGE_ORDER = ("fit", "query", "score")
+"""Modes without an index (exact, fused): the score stage runs the corpus pass itself."""
 IN_FLIGHT_PER_WORKER = 2
 
 def bind_run_dir(run: RunDir, cfg: Config) -> None:
@@ -368,22 +374,28 @@ class Job:
         self.topk = merged
 
     def fused_token(self) -> str:
-        """Names what a fused pass scores: every shard's query vectors, the methods, k, the index dtype."""
+        """Names what a scoring pass scores: every shard's query piece, the methods, k, the mode (and dtype)."""
         shas = []
         for s in range(self.cfg.cluster.shards):
             marker = self.run.piece_done(queries_rel(s))
             if marker is None:
                 raise RuntimeError(f"{self.cfg.run_dir} holds no query vectors; run the query stage first")
             shas.append(marker["sha256"])
+        mode = self.cfg.scoring.scoring_mode
         key = {"queries": shas, "methods": [m.value for m in self.cfg.methods], "top_k": self.cfg.scoring.top_k,
                "dtype": self.cfg.projection.dtype}
+        if mode is ScoringMode.EXACT:  # the query pieces already name the rank; rows are not rounded
+            key = {**key, "mode": mode.value, "dtype": None}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def fused_score(self, parts: Sequence[Partition]) -> None:
-        """The corpus pass and the scoring in one (``scoring.fused``): no index is written.
+        """The corpus pass and the scoring in one (``scoring.mode`` exact or fused): no index is written.
 
-        Each partition's top-k is kept under ``fused/<token>/`` (:meth:`fused_token`), so a
-        rerun for the same queries scores only the partitions not done yet.
+        exact: every document's exact gradient against the low-rank query factors
+        (:meth:`Worker.exact_score`); fused: its projected rows against the projected
+        queries (:meth:`Worker.fused_score`). Each partition's top-k is kept under
+        ``fused/<token>/`` (:meth:`fused_token`), so a rerun for the same queries scores
+        only the partitions not done yet.
         """
         stages, methods, k = self.stages_needed(), [m.value for m in self.cfg.methods], self.cfg.scoring.top_k
         token = self.fused_token()
@@ -397,19 +409,19 @@ class Job:
                 _merge_into(merged, {m: (v, r + offset) for m, (v, r) in top.items()}, k)
             else:
                 todo.append(p)
-        self.log(f"score (fused): {len(parts) - len(todo)} of {len(parts)} partitions already scored for these "
+        mode = self.cfg.scoring.scoring_mode.value
+        self.log(f"score ({mode}): {len(parts) - len(todo)} of {len(parts)} partitions already scored for these "
                  f"queries, {len(todo)} to go; no index is written")
+        task = "exact_score" if mode == ScoringMode.EXACT.value else "fused_score"
         self.summary["score_corpus"] = self._corpus_pass(
-            parts, todo, "score (fused)",
-            lambda w, p: w.fused_score.remote(p, stages, self.duplicates.get(p.key), methods, k, token),
+            parts, todo, f"score ({mode})",
+            lambda w, p: getattr(w, task).remote(p, stages, self.duplicates.get(p.key), methods, k, token),
             lambda _, result: _merge_into(merged, result.pop("top_k"), k))
         self._write_results(parts, merged)
         self.topk = merged
 
     def _write_results(self, parts: Sequence[Partition], merged: dict) -> None:
-        from .store import read_query_vectors
-
-        query_ids = read_query_vectors(self.run, 0)["ids"]
+        query_ids = stored_query_ids(self.run)
         offsets = [p.offset for p in parts]
         wanted: dict[int, set[int]] = defaultdict(set)
         for values, positions in merged.values():
@@ -436,11 +448,11 @@ class Job:
         Runs on the workers, which hold the models: each gets chunks of documents with the
         (method, query) pairs to explain. Writes ``token_influence/`` and ``layer_influence/``.
         """
-        from .store import TOKEN_TABLES, read_query_vectors, write_method_table
+        from .store import TOKEN_TABLES, write_method_table
         from .token_influence import DocRequest, influence_tables
 
         top = self.cfg.scoring.token_influence_top
-        query_ids = read_query_vectors(self.run, 0)["ids"]
+        query_ids = stored_query_ids(self.run)
         offsets = [p.offset for p in parts]
         wanted: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))  # stage -> position -> pairs
         ranks: dict[tuple[str, int, int], int] = {}
@@ -459,7 +471,7 @@ class Job:
             size = max(1, -(-len(reqs) // (len(self.workers) * IN_FLIGHT_PER_WORKER)))
             chunks += [(stage, reqs[i:i + size]) for i in range(0, len(reqs), size)]
         terms: list = []
-        token = self.fused_token() if self.cfg.scoring.fused else None
+        token = None if self.cfg.scoring.scoring_mode.has_index else self.fused_token()
         _drain(self.workers, chunks, lambda w, c: w.token_terms.remote(*c, token),
                lambda _, result: terms.extend(result))
         meta = run_metadata(self.cfg)
@@ -476,7 +488,7 @@ class Job:
 
     def execute(self, stage: str = "all", checked: bool = False) -> dict:
         """Runs the stages; ``checked`` says :func:`preflight` already passed for them."""
-        stages = stages_of(stage, self.cfg.scoring.fused)
+        stages = stages_of(stage, self.cfg.scoring.scoring_mode)
         if not checked:
             preflight(self.cfg, stages)
         bind_run_dir(self.run, self.cfg)
@@ -492,7 +504,7 @@ class Job:
                     self.index(parts)
                 elif name == "query":
                     self.query()
-                elif name == "score" and self.cfg.scoring.fused:
+                elif name == "score" and not self.cfg.scoring.scoring_mode.has_index:
                     self.fused_score(parts)
                 elif name == "score":
                     self.score(parts)
@@ -537,15 +549,16 @@ def run_metadata(cfg: Config) -> dict:
     }
 
 
-def stages_of(stage: str, fused: bool = False) -> tuple[str, ...]:
-    """The stages ``--stage`` names (``all``: every one, in order); ``fused``: ``scoring.fused``."""
+def stages_of(stage: str, mode: ScoringMode | str = ScoringMode.INDEX) -> tuple[str, ...]:
+    """The stages ``--stage`` names (``all``: every one, in order) in ``scoring.mode`` ``mode``."""
+    mode = ScoringMode.parse(mode)
     if stage != "all" and stage not in STAGE_ORDER:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {('all',) + STAGE_ORDER}")
-    if fused and stage == "index":
-        raise ConfigError("scoring.fused is true, so there is no index stage: the score stage runs the corpus "
-                          "pass (use --stage score or all, or set scoring.fused: false to build an index)")
+    if not mode.has_index and stage == "index":
+        raise ConfigError(f"scoring.mode is {mode.value!r}, so there is no index stage: the score stage runs the "
+                          "corpus pass (use --stage score or all, or set scoring.mode: index to build an index)")
     if stage == "all":
-        return FUSED_STAGE_ORDER if fused else STAGE_ORDER
+        return STAGE_ORDER if mode.has_index else PASS_STAGE_ORDER
     return (stage,)
 
 

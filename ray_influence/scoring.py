@@ -122,6 +122,24 @@ def scatter_rows(grads: PerModule, names: Sequence[str], order: Sequence[int], r
     return flat
 
 
+def scatter_scores(result: tuple[torch.Tensor, torch.Tensor], order: Sequence[int], rows: Sequence[int],
+                   n_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores [n_docs, Q], sqnorms [n_docs])`` in input order from an exact pass's collector result.
+
+    Args:
+        result: ``(scores [N, Q], sqnorms [N])`` in collector order
+            (:class:`~ray_influence.collectors.QueryScoreCollector`).
+        order: the permutation from collector order to input order.
+        rows: the input positions they belong to; the other rows stay 0.
+    """
+    s, sq = result
+    out_s = torch.zeros(n_docs, s.shape[1], dtype=torch.float64)
+    out_sq = torch.zeros(n_docs, dtype=torch.float64)
+    out_s[list(rows)] = s[list(order)]
+    out_sq[list(rows)] = sq[list(order)]
+    return out_s, out_sq
+
+
 def finite_rows(flat: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     """``[N]`` bool: True at ``rows`` of ``flat`` ``[N, D]`` that are finite everywhere."""
     finite = torch.zeros(flat.shape[0], dtype=torch.bool)

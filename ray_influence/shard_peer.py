@@ -15,22 +15,23 @@ A peer that died and was restarted by Ray has lost its sessions: it raises
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
+from . import faults
 from .attribution import FISHER_LABEL_STREAM
 from .data import Document, Partition
 from .modules import ModuleSpec
 from .models import parse_dtype
 from .pipeline import ShardLost, ShardSession, Step
-from .scoring import finite_rows, index_width, rows_scan, scatter_rows
-from .store import read_index_piece, write_index_piece, write_query_vectors
+from .scoring import finite_rows, index_width, rows_scan, scatter_rows, scatter_scores
+from .store import read_index_piece, write_index_piece
 
-CRASH_PEER_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_PEER_ONCE"
-"""Test-only: a flag-file path; the first peer shard to find it missing in its first forward
-of a gradient pass (the index) creates it and kills its process."""
+
+
+CORPUS_PASS_KINDS = ("gradients", "scores")
+"""Pass kinds of the corpus pass (index, fused, exact), where the peer fault point sits."""
 
 
 class ShardPeer:
@@ -71,10 +72,8 @@ class ShardPeer:
 
     def shard_forward(self, sid: str, bid: int, batch, hidden: torch.Tensor):
         session, _, kind = self._session(sid)
-        flag = os.environ.get(CRASH_PEER_ONCE_ENV)
-        if flag and kind == "gradients" and not os.path.exists(flag):
-            open(flag, "w").close()  # test-only: a peer shard dies once, mid-index
-            os._exit(1)
+        if kind in CORPUS_PASS_KINDS:
+            faults.inject("peer_forward")
         return session.forward(bid, batch, hidden)
 
     def shard_backward(self, sid: str, bid: int, step: Step) -> Step:
@@ -127,11 +126,14 @@ class ShardPeer:
         return write_index_piece(self.run, stage, self.shard, part, [], flat, parse_dtype(self.cfg.projection.dtype),
                                  provenance)
 
-    def write_queries(self, sid: str, order: list[int], ids: list, recs: list[dict], methods: list[str]) -> dict:
-        """Peer shard: preconditions and writes its query vectors of pass ``sid``."""
+    def write_queries(self, sid: str, order: list[int], ids: list, recs: list[dict], methods: list[str]) -> list[dict]:
+        """Peer shard: preconditions and writes its query vectors of pass ``sid``; exact mode: its energy rows."""
         plan = self._pop_session(sid)[1]
-        vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
-        return write_query_vectors(self.run, self.shard, ids, recs, self.cfg.queries, vectors)
+        return self._write_queries(ids, recs, {n: g[order] for n, g in plan.collector.result().items()}, methods)
+
+    def score_rows(self, sid: str, rows: list[int], n_docs: int, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Peer shard: its partial exact scores ``[n_docs, Q]`` and ``‖DW‖²`` ``[n_docs]`` of pass ``sid``."""
+        return scatter_scores(self._pop_session(sid)[1].collector.result(), order, rows, n_docs)
 
     def shard_specs(self, stage: str) -> list[ModuleSpec]:
         return list(self.specs(stage).values())
@@ -142,5 +144,8 @@ class ShardPeer:
         return sq, rows
 
     def shard_query_sqnorms(self) -> dict[str, torch.Tensor]:
+        """``{method: [Q]}`` this shard's part of each query vector's squared norm (untruncated)."""
+        if self._exact:
+            return {m: sum(f.sqnorm for f in per.values()) for m, per in self._query_factors()["factors"].items()}
         return {m: v.to(torch.float64).square().sum(1) for m, v in self._query_vectors()["vectors"].items()}
 

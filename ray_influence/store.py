@@ -382,6 +382,24 @@ def write_skipped_piece(run: RunDir, part: Partition, skipped: Sequence[tuple[An
 # ---------------------------------------------------------------------------- queries
 
 
+def _write_queries_table(run: RunDir, ids: Sequence[Any], records: Sequence[dict], qcfg) -> None:
+    """``queries/queries.parquet``: the stored queries' ids, prompts and completions, in order."""
+    table = pa.table({
+        "query_id": list(ids),
+        "prompt": [r[qcfg.prompt_column] for r in records],
+        "completion": [r[qcfg.completion_column] for r in records],
+    })
+    run.write_piece(QUERIES_TABLE, _parquet_bytes(table))
+
+
+QUERIES_TABLE = "queries/queries.parquet"
+
+
+def stored_query_ids(run: RunDir) -> list:
+    """The stored queries' ids, in the order every query piece holds them."""
+    return read_parquet_piece(run, QUERIES_TABLE).column("query_id").to_pylist()
+
+
 def write_query_vectors(run: RunDir, shard: int, ids: Sequence[Any], records: Sequence[dict], qcfg,
                         vectors: dict[str, torch.Tensor]) -> dict:
     """Flat query vectors ``{method: [Q, D]}`` (float64) with the query ids, plus the queries table."""
@@ -389,18 +407,82 @@ def write_query_vectors(run: RunDir, shard: int, ids: Sequence[Any], records: Se
     marker = run.write_piece(queries_rel(shard), _tensor_bytes({m: v.to(torch.float64) for m, v in vectors.items()}, meta),
                              {"queries": len(ids), "methods": sorted(vectors)})
     if shard == 0:
-        table = pa.table({
-            "query_id": list(ids),
-            "prompt": [r[qcfg.prompt_column] for r in records],
-            "completion": [r[qcfg.completion_column] for r in records],
-        })
-        run.write_piece("queries/queries.parquet", _parquet_bytes(table))
+        _write_queries_table(run, ids, records, qcfg)
     return marker
 
 
 def read_query_vectors(run: RunDir, shard: int) -> dict:
     data = run.read_piece(queries_rel(shard))
     return {"ids": _header_json(data)["query_ids"], "vectors": st_load(data)}
+
+
+QUERY_FACTOR_FIELDS = ("left", "right", "sqnorm", "kept")
+
+
+def write_query_factors(run: RunDir, shard: int, ids: Sequence[Any], records: Sequence[dict], qcfg,
+                        factors: dict[str, dict[str, "QueryFactors"]], rank: int) -> dict:
+    """Low-rank query factors ``{method: {module: QueryFactors}}`` of one shard's modules (exact mode).
+
+    Tensors are named ``<method>/<module>/<field>``; the header keeps the query ids, the
+    module order and the configured rank.
+    """
+    from .lowrank import QueryFactors  # noqa: F401 - the type of ``factors``' values
+
+    tensors = {f"{m}/{n}/{field}": getattr(f, field).to(torch.float64)
+               for m, per in factors.items() for n, f in per.items() for field in QUERY_FACTOR_FIELDS}
+    modules = list(next(iter(factors.values()))) if factors else []
+    meta = {"query_ids": list(ids), "mode": "exact", "methods": list(factors), "modules": modules,
+            "query_rank": rank}
+    marker = run.write_piece(queries_rel(shard), _tensor_bytes(tensors, meta),
+                             {"queries": len(ids), "methods": sorted(factors), "query_rank": rank})
+    if shard == 0:
+        _write_queries_table(run, ids, records, qcfg)
+    return marker
+
+
+def read_query_factors(run: RunDir, shard: int) -> dict:
+    """``{"ids": [...], "factors": {method: {module: QueryFactors}}}`` of one shard (exact mode)."""
+    from .lowrank import QueryFactors
+
+    data = run.read_piece(queries_rel(shard))
+    meta, t = _header_json(data), st_load(data)
+    if meta.get("mode") != "exact":
+        raise ValueError(f"{queries_rel(shard)} holds projected query vectors, not low-rank factors; "
+                         "rerun the query stage in scoring.mode: exact")
+    factors = {m: {n: QueryFactors(*(t[f"{m}/{n}/{field}"] for field in QUERY_FACTOR_FIELDS))
+                   for n in meta["modules"]} for m in meta["methods"]}
+    return {"ids": meta["query_ids"], "factors": factors}
+
+
+QUERY_ENERGY_TABLE = "query_energy.parquet"
+"""Per query, method and module: the rank kept and the share of ``‖u‖²`` it retains (exact mode)."""
+
+
+def write_query_energy(run: RunDir, rows: Sequence[dict]) -> None:
+    """``{run_dir}/query_energy.parquet``: query_id, method, module, rank, energy, retained_energy."""
+    cols = ("query_id", "method", "module", "rank", "energy", "retained_energy")
+    table = pa.table({
+        "query_id": [r["query_id"] for r in rows],
+        "method": pa.array([r["method"] for r in rows], pa.string()),
+        "module": pa.array([r["module"] for r in rows], pa.string()),
+        "rank": pa.array([r["rank"] for r in rows], pa.int32()),
+        "energy": pa.array([r["energy"] for r in rows], pa.float64()),
+        "retained_energy": pa.array([r["retained_energy"] for r in rows], pa.float64()),
+    }) if rows else pa.schema([(c, t) for c, t in zip(cols, (pa.string(), pa.string(), pa.string(), pa.int32(),
+                                                              pa.float64(), pa.float64()))]).empty_table()
+    run.write_bytes(QUERY_ENERGY_TABLE, _parquet_bytes(table))
+
+
+def energy_rows(ids: Sequence[Any], factors: dict[str, dict[str, "QueryFactors"]]) -> list[dict]:
+    """One row per (query, method, module) of :func:`write_query_energy` from one shard's factors."""
+    rows = []
+    for m, per in factors.items():
+        for n, f in per.items():
+            for q, qid in enumerate(ids):
+                total, kept = float(f.sqnorm[q]), float(f.kept[q])
+                rows.append({"query_id": qid, "method": m, "module": n, "rank": f.rank, "energy": total,
+                             "retained_energy": kept / total if total > 0 else 1.0})
+    return rows
 
 
 # ---------------------------------------------------------------------------- results

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .data import Partition
+from .lowrank import lowrank_token_terms
 from .modules import ModuleSpec
 from .passes import Labels, run_pass
 from .projection import Projection, project_activations, project_gradients
@@ -46,7 +47,10 @@ class TokenTermCollector:
     """Per-module, per-position terms ``g_tᵀ u_r a_t`` of one document, for R query vectors.
 
     Args:
-        vectors: ``{name: [R, r_out, r_in]}`` query vectors (projected ``û`` or exact ``u``).
+        vectors: ``{name: [R, r_out, r_in]}`` query vectors (projected ``û`` or exact ``u``),
+            or ``{name: (left [R, d_out, r], right [R, d_in', r])}`` low-rank factors
+            (``scoring.mode: exact``, :mod:`ray_influence.lowrank`), whose terms are
+            ``Σ_k (L_kᵀ g_t)(R_kᵀ a_t)``, the inner sums of the document's exact-pass score.
         projections: per-module projections when ``vectors`` are projected; None when exact.
     """
 
@@ -65,7 +69,12 @@ class TokenTermCollector:
         g = g.to(TERM_DTYPE)
         if self._proj is not None:
             g = project_gradients(g, self._proj[name])  # [1, T, r_out]
-        u = self._u[name].to(device=g.device, dtype=TERM_DTYPE)  # [R, r_out, r_in]
+        u = self._u[name]
+        if isinstance(u, tuple):
+            left, right = (f.to(device=g.device, dtype=TERM_DTYPE) for f in u)
+            self.terms[name] = lowrank_token_terms(a, g, left, right).cpu()  # [R, T]
+            return
+        u = u.to(device=g.device, dtype=TERM_DTYPE)  # [R, r_out, r_in]
         self.terms[name] = torch.einsum("bto,roi,bti->rt", g, u, a).cpu()  # [R, T]
 
     def result(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import attribution, ekfac
+from . import attribution, ekfac, faults
 from .attribution import PassPlan
 from .config import Config
 from .data import Document, Partition, read_partition, read_records
@@ -26,9 +26,12 @@ from .factors_io import factors_from_bytes
 from .models import load_model, load_model_shard, load_tokenizer, parse_dtype
 from .modules import ModuleSpec, find_tracked_modules
 from .pipeline import ShardLost, ShardSession, pipelined_batches
-from .shard_peer import CRASH_PEER_ONCE_ENV, ShardPeer
+from .shard_peer import ShardPeer
 from .projection import make_projection, project_matrix
 from .rundir import RunDir
+from .collectors import QueryScoreCollector
+from .config import ScoringMode
+from .lowrank import QueryFactors, truncate
 from .scoring import (
     BlockScores,
     Method,
@@ -38,10 +41,16 @@ from .scoring import (
     query_vectors,
     rows_scan,
     scatter_rows,
+    scatter_scores,
     top_k,
 )
 from .store import (
+    QUERY_FACTOR_FIELDS,
     IndexPieceReader,
+    energy_rows,
+    read_query_factors,
+    write_query_energy,
+    write_query_factors,
     factors_rel,
     queries_rel,
     read_fused_piece,
@@ -55,12 +64,7 @@ from .store import (
 from .tokens import Example, tokenize_document, tokenize_prompt_completion
 
 
-TEST_DELAY_ENV = "RAY_INFLUENCE_TEST_INDEX_DELAY_S"
-"""Test-only: seconds each index task sleeps first, so a test can kill a run mid-index."""
-CRASH_ONCE_ENV = "RAY_INFLUENCE_TEST_CRASH_ONCE"
-"""Test-only: a flag-file path; the first index task to find it missing creates it and
-kills its worker process, so a test sees an actor die mid-index exactly once."""
-TEST_ENVS = (TEST_DELAY_ENV, CRASH_ONCE_ENV, CRASH_PEER_ONCE_ENV)
+CRASH_ONCE_ENV, CRASH_PEER_ONCE_ENV = faults.CRASH_ONCE_ENV, faults.CRASH_PEER_ONCE_ENV  # for the tests
 
 
 def partition_provenance(part: Partition, drop: dict[int, str] | None) -> dict:
@@ -109,6 +113,7 @@ class Worker(ShardPeer):
         self._file_cache: dict = {}
         self._ft_records: list[dict] | None = None
         self._queries_cache: tuple[str, dict] | None = None
+        self._factors_cache: tuple[str, dict] | None = None
         self._sessions: dict[str, tuple[ShardSession, PassPlan]] = {}
         self._held: dict[str, torch.Tensor] = {}
         self._piece_reader: IndexPieceReader | None = None
@@ -234,6 +239,16 @@ class Worker(ShardPeer):
             return attribution.lambda_plan(dict(zip(names, bases)), self._fisher(), e.fisher_samples)
         if kind == "gradients":
             return attribution.gradient_plan(specs, self.projections(stage) if args[0] else None)
+        if kind == "scores":
+            return PassPlan(QueryScoreCollector(self._pass_factors(args[0])))
+        if kind == "terms" and self._exact:
+            from .token_influence import TokenTermCollector
+
+            qf = self._query_factors()["factors"]
+            pairs = args[0]
+            vectors = {n: (torch.cat([qf[m][n].left[q:q + 1] for m, q in pairs]),
+                           torch.cat([qf[m][n].right[q:q + 1] for m, q in pairs])) for n in specs}
+            return PassPlan(TokenTermCollector(vectors, None))
         if kind == "terms":
             from .token_influence import TERM_DTYPE, TokenTermCollector, split_flat
 
@@ -327,11 +342,7 @@ class Worker(ShardPeer):
         Sharded, every shard holds its own modules' columns (a peer under the pass's session
         id); a document is kept only when its gradient is finite on every shard.
         """
-        if TEST_DELAY_ENV in os.environ:  # test-only: widens the window for fault-injection tests
-            time.sleep(float(os.environ[TEST_DELAY_ENV]))
-        if CRASH_ONCE_ENV in os.environ and not os.path.exists(os.environ[CRASH_ONCE_ENV]):
-            open(os.environ[CRASH_ONCE_ENV], "w").close()  # test-only: die once, mid-index
-            os._exit(1)
+        faults.inject("corpus_task")
         docs, skipped = self.corpus_documents(part, drop)
         examples = self.corpus_examples(docs)
         keep = torch.ones(len(docs), dtype=torch.bool)
@@ -419,6 +430,64 @@ class Worker(ShardPeer):
                           file_rows, partition_provenance(part, drop))
         return {**self._finish_partition(part, rows, t0), "top_k": top}
 
+    def exact_score(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None,
+                    methods: Sequence[str], k: int, token: str) -> dict:
+        """The exact pass of one partition (``scoring.mode: exact``): its top-k per method, no index.
+
+        Each document's exact gradient at each of ``stages``' models is contracted with the
+        low-rank query factors of the methods scored against that model
+        (:class:`~ray_influence.collectors.QueryScoreCollector`); sharded, every shard
+        scores its own modules and the head adds the partial scores. The top-k and the
+        documents' ``‖DW‖²`` go under ``fused/<token>/`` as in :meth:`fused_score`.
+
+        Returns:
+            the counts of :meth:`index`, plus ``top_k``: ``{method: (values [Q, k'], global positions [Q, k'])}``.
+        """
+        t0 = time.perf_counter()
+        faults.inject("corpus_task")
+        docs, skipped = self.corpus_documents(part, drop)
+        examples = self.corpus_examples(docs)
+        n = len(docs)
+        keep = torch.ones(n, dtype=torch.bool)
+        by_stage: dict[str, list[str]] = {}
+        for m in methods:
+            by_stage.setdefault(Method.parse(m).doc_model, []).append(Method.parse(m).value)
+        scored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for stage in stages:
+            ms = by_stage.get(stage, [])
+            n_q = sum(self._query_factors_count(m) for m in ms)
+            s, sq = torch.zeros(n, n_q, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+            if examples and ms:
+                plan = self._plan(stage, "scores", ms)
+                sid, kept, _, _ = self._run(stage, examples, plan, [("scores", ms)] * len(self.peers))
+                rows, order = _rows_of(examples, kept), attribution.input_order(examples, kept)
+                parts = [scatter_scores(plan.collector.result(), order, rows, n)]
+                if self.peers:
+                    parts += self._peer_get(self._peer_results("score_rows", sid, rows, n, order))
+                s, sq = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+                got = torch.zeros(n, dtype=torch.bool)
+                got[rows] = True
+                keep &= got & torch.isfinite(s).all(dim=1) & torch.isfinite(sq)
+            scored[stage] = (s, sq)
+        skipped += [(docs[j].doc_id, "non_finite_gradient") for j in (~keep).nonzero(as_tuple=True)[0].tolist()]
+        rows = PartitionRows(docs, examples, skipped, keep, {}, {})
+        file_rows = torch.tensor([d.row for d in rows.kept_docs], dtype=torch.int64)
+        partial = {}
+        for stage, ms in by_stage.items():
+            s, sq = scored[stage]
+            start = 0
+            for m in ms:
+                width = self._query_factors_count(m)
+                partial[m] = (s[keep, start:start + width].T.contiguous(), sq[keep], self._query_sqnorm(m))
+                start += width
+        partial = {Method.parse(m).value: partial[Method.parse(m).value] for m in methods}
+        top = _top_k_of(part, partial, file_rows, k)
+        offset = part.offset - part.start
+        sqnorms = {stage: scored[stage][1][keep] for stage in stages}
+        write_fused_piece(self.run, token, part, {m: (v, p - offset) for m, (v, p) in top.items()}, sqnorms,
+                          file_rows, partition_provenance(part, drop))
+        return {**self._finish_partition(part, rows, t0), "top_k": top}
+
     # --------------------------------------------------------------- queries
 
     def queries(self, methods: Sequence[str]) -> dict:
@@ -445,14 +514,35 @@ class Worker(ShardPeer):
             raise ValueError(f"queries {list(skipped)[:5]} have a non-finite loss at the fine-tuned model")
         order = attribution.input_order(examples, kept)
         refs = self._peer_results("write_queries", sid, order, ids, recs, list(methods))
-        vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
-        write_query_vectors(self.run, self.shard, ids, recs, q, vectors)
-        if refs:
-            self._peer_get(refs)
-        return {"queries": len(ids), "methods": list(vectors)}
+        energy = self._write_queries(ids, recs, {n: g[order] for n, g in plan.collector.result().items()}, methods)
+        for rows in self._peer_get(refs) if refs else []:
+            energy += rows
+        out = {"queries": len(ids), "methods": [Method.parse(m).value for m in methods]}
+        if self._exact:
+            write_query_energy(self.run, energy)
+            out.update(_rank_summary(energy, self.cfg.scoring.query_rank))
+        return out
+
+    @property
+    def _exact(self) -> bool:
+        return self.cfg.scoring.scoring_mode is ScoringMode.EXACT
+
+    def _write_queries(self, ids: list, recs: list[dict], grads: dict, methods: Sequence[str]) -> list[dict]:
+        """Preconditions this shard's query gradients and writes them; exact mode: their energy rows."""
+        vectors = self._query_vectors_of(grads, methods)
+        if not self._exact:
+            write_query_vectors(self.run, self.shard, ids, recs, self.cfg.queries, vectors)
+            return []
+        rank = self.cfg.scoring.query_rank
+        factors = {m: {n: truncate(u, rank) for n, u in per.items()} for m, per in vectors.items()}
+        write_query_factors(self.run, self.shard, ids, recs, self.cfg.queries, factors, rank)
+        return energy_rows(ids, factors)
 
     def _query_vectors_of(self, grads: dict, methods: Sequence[str]) -> dict:
-        """``{method: [Q, width]}`` of this worker's modules, from exact query gradients."""
+        """``{method: [Q, width]}`` of this worker's modules, from exact query gradients.
+
+        Exact mode: ``{method: {name: u [Q, d_out, d_in']}}`` unprojected and unflattened.
+        """
         names = list(self.specs("finetuned"))
         factors = {}
         for stage in ("finetuned", "pretrained"):
@@ -467,6 +557,9 @@ class Worker(ShardPeer):
             if missing:
                 raise RuntimeError(f"method {method.value} needs {missing} factors; run the fit stage first")
             u = query_vectors(method, grads, factors.get("finetuned"), factors.get("pretrained"))
+            if self._exact:
+                vectors[method.value] = {n: u[n] for n in names}
+                continue
             if projs is not None:
                 u = {n: project_matrix(u[n], projs[n]) for n in names}
             vectors[method.value] = flatten(u, names)
@@ -525,6 +618,30 @@ class Worker(ShardPeer):
             for other in self._peer_get([p.shard_query_sqnorms.remote() for p in self.peers]):
                 sq = {m: sq[m] + other[m] for m in sq}
         return {m: v.tolist() for m, v in sq.items()}
+
+    def _query_factors(self) -> dict:
+        """This shard's stored low-rank query factors (exact mode), read once per query piece."""
+        marker = self.run.piece_done(queries_rel(self.shard))
+        token = marker["sha256"] if marker else None
+        if self._factors_cache is None or self._factors_cache[0] != token:
+            self._factors_cache = (token, read_query_factors(self.run, self.shard))
+        return self._factors_cache[1]
+
+    def _pass_factors(self, methods: Sequence[str]) -> dict:
+        """``{name: QueryFactors}`` of every (method, query) pair of ``methods``, methods after one another."""
+        qf = self._query_factors()["factors"]
+        names = list(next(iter(qf.values()))) if qf else []
+        return {n: QueryFactors(*(torch.cat([getattr(qf[m][n], f) for m in methods]) for f in QUERY_FACTOR_FIELDS))
+                for n in names}
+
+    def _query_factors_count(self, method: str) -> int:
+        """How many queries the stored factors of ``method`` hold."""
+        per = self._query_factors()["factors"][Method.parse(method).value]
+        return next(iter(per.values())).left.shape[0] if per else len(self._query_factors()["ids"])
+
+    def _query_sqnorm(self, method: str) -> torch.Tensor:
+        """``[Q]`` squared norms of ``method``'s full (untruncated) query vectors, summed over every shard."""
+        return torch.tensor(self.query_sqnorms()[Method.parse(method).value], dtype=torch.float64)
 
     def _query_vectors(self) -> dict:
         marker = self.run.piece_done(queries_rel(self.shard))
@@ -622,6 +739,24 @@ class PartitionRows:
         return [self.docs[i] for i in self.kept_rows]
 
 
+def _rank_summary(energy: Sequence[dict], rank: int) -> dict:
+    """The query stage's summary of the low-rank factors: the rank, the modules it was clipped on,
+    and per method the smallest and mean share of ``‖u‖²`` a query keeps (over every module)."""
+    clipped = sorted({(r["module"], r["rank"]) for r in energy if rank and r["rank"] < rank})
+    per: dict[tuple[str, Any], list[float]] = {}
+    for r in energy:
+        kept_total = per.setdefault((r["method"], r["query_id"]), [0.0, 0.0])
+        kept_total[0] += r["retained_energy"] * r["energy"]
+        kept_total[1] += r["energy"]
+    by_method: dict[str, list[float]] = {}
+    for (m, _), (kept, total) in per.items():
+        by_method.setdefault(m, []).append(kept / total if total > 0 else 1.0)
+    return {"query_rank": rank,
+            "rank_clipped": [f"{n}: {r}" for n, r in clipped],
+            "retained_energy": {m: {"min": round(min(v), 6), "mean": round(sum(v) / len(v), 6)}
+                                for m, v in by_method.items()}}
+
+
 def _resolve(refs: dict) -> dict:
     """``{name: value}`` from values or Ray object refs."""
     import ray
@@ -653,7 +788,7 @@ def remote_worker(cfg: Config, shard: int = 0, layout: tuple[range, bool, bool] 
     import ray
 
     c = cfg.cluster
-    env = {k: os.environ[k] for k in TEST_ENVS if k in os.environ}
+    env = {k: os.environ[k] for k in faults.ENVS if k in os.environ}
     options: dict[str, Any] = {}
     if placement is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

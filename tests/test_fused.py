@@ -48,7 +48,7 @@ def table(run_dir: str, name: str) -> list[tuple]:
 
 def test_fused_gives_the_results_of_index_and_score_without_an_index(world, tmp_path):
     root, cfg, summary = world
-    fused = with_(cfg, run_dir=str(tmp_path / "fused"), scoring__fused=True)
+    fused = with_(cfg, run_dir=str(tmp_path / "fused"), scoring__mode="fused")
     got = run_job(config_from_dict(fused), progress=False)
     assert "index" not in got["timings"] and set(got["timings"]) >= {"fit", "query", "score"}
     assert not (Path(fused["run_dir"]) / "index").exists(), "a fused run writes no index"
@@ -65,7 +65,7 @@ def test_fused_rounds_rows_as_the_index_stores_them(world, tmp_path):
     root, cfg, _ = world
     projected = with_(cfg, run_dir=str(tmp_path / "indexed"), projection={"dim": 4, "seed": 0, "dtype": "bfloat16"},
                       scoring__methods=["multi_stage", "grad_cos"], scoring__token_influence_top=0)
-    fused = with_(projected, run_dir=str(tmp_path / "fused"), scoring__fused=True)
+    fused = with_(projected, run_dir=str(tmp_path / "fused"), scoring__mode="fused")
     run_job(config_from_dict(projected), progress=False)
     run_job(config_from_dict(fused), progress=False)
     assert_same(results(fused["run_dir"]), results(projected["run_dir"]), 4)
@@ -73,7 +73,7 @@ def test_fused_rounds_rows_as_the_index_stores_them(world, tmp_path):
 
 def test_a_fused_rerun_scores_only_what_it_has_not_scored(world, tmp_path):
     root, cfg, _ = world
-    fused = with_(cfg, run_dir=str(tmp_path / "fused"), scoring__fused=True, scoring__token_influence_top=0,
+    fused = with_(cfg, run_dir=str(tmp_path / "fused"), scoring__mode="fused", scoring__token_influence_top=0,
                   corpus__partition_docs=4)
     first = run_job(config_from_dict(fused), progress=False)
     before = results(fused["run_dir"])
@@ -95,12 +95,12 @@ def test_a_fused_rerun_scores_only_what_it_has_not_scored(world, tmp_path):
 
 def test_index_stage_of_a_fused_config_exits_2(world, tmp_path):
     root, cfg, _ = world
-    fused = with_(cfg, run_dir=str(tmp_path / "never"), scoring__fused=True)
+    fused = with_(cfg, run_dir=str(tmp_path / "never"), scoring__mode="fused")
     path = write_config(tmp_path / "fused.yaml", fused)
     proc = subprocess.run([sys.executable, "-m", "ray_influence.cli", "run", str(path), "--stage", "index"],
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
-    assert "scoring.fused" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "scoring.mode" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "never").exists()
 
 
@@ -109,8 +109,8 @@ def test_fused_over_a_grown_corpus_scores_only_the_new_partitions(world, tmp_pat
     corpus = tmp_path / "corpus"
     write_corpus_file(corpus / "b.parquet", corpus_rows(10, seed=5))
     fused = with_(cfg, run_dir=str(tmp_path / "fused"), corpus__path=str(corpus), corpus__partition_docs=4,
-                  scoring__fused=True, scoring__token_influence_top=0)
-    indexed = with_(fused, run_dir=str(tmp_path / "indexed"), scoring__fused=False)
+                  scoring__mode="fused", scoring__token_influence_top=0)
+    indexed = with_(fused, run_dir=str(tmp_path / "indexed"), scoring__mode="index")
     assert run_job(config_from_dict(fused), progress=False)["score_corpus"]["partitions"] == 3
     run_job(config_from_dict(indexed), progress=False)  # the same factors (fitted on b.parquet) for both
     # a.parquet sorts first: b.parquet's partitions keep their pieces but move to later positions.
@@ -126,7 +126,7 @@ def test_a_worker_killed_mid_fused_pass_gives_identical_results(world, tmp_path,
     root, cfg, _ = world
     flag = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ONCE_ENV, str(flag))
-    fused = with_(cfg, run_dir=str(tmp_path / "fused"), scoring__fused=True)
+    fused = with_(cfg, run_dir=str(tmp_path / "fused"), scoring__mode="fused")
     summary = run_job(config_from_dict(fused), progress=False)
     assert flag.exists(), "the fault was not injected"
     assert summary["score_corpus"]["partitions"] == summary["score_corpus"]["partitions_total"]

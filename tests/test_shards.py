@@ -124,7 +124,7 @@ def test_two_sharded_replicas_match(tmp_path, ray_local):
     assert_same_rows(results(two["run_dir"]), results(one["run_dir"]), (3,))
     # Fused: each shard scores its own columns during the corpus pass; no index is written.
     fused = sharded(cfg, 2, "fused", replicas=2, num_cpus_per_worker=0.5)
-    fused["scoring"]["fused"] = True
+    fused["scoring"]["mode"] = "fused"
     run_job(config_from_dict(fused), progress=False)
     assert not (Path(fused["run_dir"]) / "index").exists()
     for table in ("results", "token_influence", "layer_influence"):

@@ -57,7 +57,7 @@ def build_world(root: Path, arch: str = "gpt_neox", n_docs: int = 20, seed: int 
         "queries": {"path": str(root / "queries.jsonl")},
         "ekfac": {"fisher": True, "fisher_samples": 2, "covariance_max_docs": 1000, "damping": "auto", "seed": 0},
         "projection": {"dim": 0, "seed": 0, "dtype": "float64"},
-        "scoring": {"methods": ["multi_stage", "single_stage", "grad_dot", "grad_cos"], "top_k": 5},
+        "scoring": {"methods": ["multi_stage", "single_stage", "grad_dot", "grad_cos"], "top_k": 5, "mode": "index"},
         "model": {"dtype": "float64"},
         "cluster": {"replicas": 2, "num_cpus_per_worker": 1, "max_tokens_per_batch": 64},
     }
