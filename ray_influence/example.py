@@ -4,14 +4,14 @@ Builds (or reuses) the world of :data:`DEMO_SPEC` (``ray_influence.world``): a t
 GPT-NeoX pre-trained from scratch on a corpus of fictional facts and distractors, a fully
 fine-tuned copy answering questions about part of the facts, and held-out questions as
 queries, with the documents that state each answer as ground truth. Then it runs the job
-(fit, index, query, score) on a local Ray instance and prints the top documents of a few
+(fit, query, score: the default exact pass) on a local Ray instance and prints the top documents of a few
 queries, MRR and recall@10 of every method against the ground truth, and where the
 results are.
 
-Job settings (:data:`ray_influence.world.JOB_DEFAULTS`): exact gradients
-(``projection.dim: 0``; the model has ~38k parameters, so an exact index is ~100 KB a
-document), the true Fisher with 4 label samples, ``damping: auto`` for both stages, all
-four methods, top 50, 2 worker replicas of 1 CPU over 4 corpus partitions.
+Job settings (:data:`ray_influence.world.JOB_DEFAULTS`): the default scoring mode (each
+document's exact gradient against rank-16 factors of the preconditioned queries, no
+index), the true Fisher with 4 label samples, ``damping: auto`` for both stages, all four
+methods, top 50, 2 worker replicas of 1 CPU over 4 corpus partitions.
 """
 
 from __future__ import annotations
@@ -134,9 +134,13 @@ def run_example(workdir: str, seed: int = 0) -> dict:
     _print_top(world, rows, qids, cfg.scoring.top_k)
     metrics = _print_metrics(world, rows)
 
-    idx = summary["index"]
-    print(f"\n{idx['docs']} documents indexed this run, {idx['partitions_total']} partitions in the index; "
-          f"the job took {t2 - t1:.1f}s, {time.perf_counter() - t0:.1f}s in all")
+    corpus = summary.get("score_corpus") or summary["index"]
+    print(f"\n{corpus['docs']} documents scored this run ({cfg.scoring.mode} mode, "
+          f"{corpus['partitions_total']} partitions); the job took {t2 - t1:.1f}s, {time.perf_counter() - t0:.1f}s in all")
+    energy = summary.get("query", {}).get("retained_energy", {})
+    if energy:
+        print("query energy kept at rank " + str(cfg.scoring.query_rank) + ": "
+              + ", ".join(f"{m} min {e['min']:.3f} mean {e['mean']:.3f}" for m, e in energy.items()))
     print(f"config: {_short(config_path)}")
     results = _short(f"{cfg.run_dir}/results")
     glob = f"{results}/**/*.parquet"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from .data import InputError
 from .rundir import RunDir
 from .scoring import Method
-from .store import STAGES, TOKEN_TABLES, factors_rel, method_table_rel, queries_rel
+from .store import QUERY_ENERGY_TABLE, STAGES, TOKEN_TABLES, factors_rel, method_table_rel, queries_rel
 
 STAGE_NAMES = ("fit", "index", "query", "score", "tokens")
 
@@ -83,7 +83,8 @@ def describe_run(url: str) -> dict[str, Any]:
     docs = _markers(run, "docs", ".parquet")
     index = {s: _markers(run, f"index/{s}/shard-0", ".safetensors") for s in doc_stages}
     part_keys = set(manifest.get("partitions", {})) or {n.removesuffix(".parquet") for n in docs}
-    fused = bool(cfg["scoring"].get("fused", False))  # the corpus pass wrote documents, no index
+    mode = cfg["scoring"].get("mode") or ("fused" if cfg["scoring"].get("fused") else "index")
+    fused = mode != "index"  # exact or fused: the corpus pass wrote documents and top-k pieces, no index
     indexed = [k for k in part_keys if f"{k}.parquet" in docs
                and (fused or all(f"{k}.safetensors" in index[s] for s in doc_stages))]
     queries = run.piece_done(queries_rel(0))
@@ -98,7 +99,7 @@ def describe_run(url: str) -> dict[str, Any]:
     token_top = cfg["scoring"].get("token_influence_top", 0)
     status = {
         "fit": _status(sum(factors[s] for s in fit_stages), len(fit_stages)),
-        "index": ("fused: " if fused else "") + _status(len(indexed), len(part_keys)),
+        "index": (f"{mode}: " if fused else "") + _status(len(indexed), len(part_keys)),
         "query": _status(int(queries is not None), 1),
         "score": _status(sum(v is not None for v in results.values()), len(methods)),
         "tokens": _status(sum(v is not None for v in tokens["token_influence"].values()), len(methods))
@@ -115,6 +116,9 @@ def describe_run(url: str) -> dict[str, Any]:
         "methods": [m.value for m in methods],
         "projection_dim": cfg["projection"]["dim"],
         "fused": fused,
+        "mode": mode,
+        "query_rank": cfg["scoring"].get("query_rank") if mode == "exact" else None,
+        "query_energy": retained_energy(run),
         "stages": stages,
         "factors": {s: factors[s] for s in fit_stages},
         "partitions": {"total": len(part_keys), "indexed": len(indexed),
@@ -127,6 +131,19 @@ def describe_run(url: str) -> dict[str, Any]:
         "token_influence_rows": tokens["token_influence"],
         "layer_influence_rows": tokens["layer_influence"],
     }
+
+
+def retained_energy(run: RunDir) -> dict[str, dict[Any, float]]:
+    """``{method: {query_id: Σ_m kept / Σ_m ‖u_m‖²}}`` from ``query_energy.parquet`` (exact mode); {} without it."""
+    if not run.exists(QUERY_ENERGY_TABLE):
+        return {}
+    table = pq.read_table(io.BytesIO(run.read_bytes(QUERY_ENERGY_TABLE)), use_threads=False).to_pydict()
+    sums: dict[str, dict[Any, list[float]]] = {}
+    for m, q, e, r in zip(table["method"], table["query_id"], table["energy"], table["retained_energy"]):
+        kt = sums.setdefault(m, {}).setdefault(q, [0.0, 0.0])
+        kt[0] += e * r
+        kt[1] += e
+    return {m: {q: (k / t if t > 0 else 1.0) for q, (k, t) in per.items()} for m, per in sums.items()}
 
 
 def _status(done: int, total: int) -> str:
@@ -152,7 +169,7 @@ def format_run(info: dict[str, Any]) -> str:
     ]
     detail = {
         "fit": ", ".join(f"{s} factors {'yes' if ok else 'no'}" for s, ok in info["factors"].items()),
-        "index": f"{p['indexed']}/{p['total']} partitions" + (" scored in the corpus pass, no index"
+        "index": f"{p['indexed']}/{p['total']} partitions" + (f" scored in the corpus pass ({info['mode']}), no index"
                                                               if info["fused"] else ""),
         "query": f"{info['queries']} queries" if info["queries"] is not None else "",
         "score": ", ".join(f"{m} {n} rows" for m, n in info["results_rows"].items() if n is not None),
@@ -166,6 +183,12 @@ def format_run(info: dict[str, Any]) -> str:
         f"partitions {p['total']} ({p['indexed']} {'scored (fused)' if info['fused'] else 'indexed'})",
         f"queries    {info['queries'] if info['queries'] is not None else '-'}",
     ]
+    if info["query_energy"]:
+        lines.append(f"query energy kept at rank {info['query_rank'] or 'full'} (share of |u|^2, per query)")
+        for m, per in info["query_energy"].items():
+            v = list(per.values())
+            worst = min(per, key=per.get)
+            lines.append(f"  {m:<13} min {min(v):.3f} ({worst})  mean {sum(v) / len(v):.3f}")
     if info["skipped_by_reason"]:
         lines.append("skipped by reason")
         width = max(len(r) for r in info["skipped_by_reason"])

@@ -179,6 +179,22 @@ def _method_html(method: str, results: list[dict], tokens: dict, layers: dict, n
     )
 
 
+def _mode_text(info: dict) -> str:
+    mode = info["mode"]
+    if mode == "exact":
+        return f"exact gradients against rank-{info['query_rank'] or 'full'} query factors"
+    return f"{mode}, projection dim {info['projection_dim'] or '0 (exact)'}"
+
+
+def _energy_html(energy: dict, query_id: Any) -> str:
+    """The share of each method's query vector ``‖u‖²`` its low-rank factors keep (exact mode)."""
+    kept = {m: per[query_id] for m, per in energy.items() if query_id in per}
+    if not kept:
+        return ""
+    parts = ", ".join(f"{_e(m)} {v:.3f}" for m, v in kept.items())
+    return f'<p class="energy" data-energy="{min(kept.values()):.6f}">query energy kept by the rank: {parts}</p>'
+
+
 def render_report(url: str, n_docs: int = DEFAULT_DOCS) -> str:
     """The report page of the run at ``url``, as HTML text.
 
@@ -226,7 +242,8 @@ def render_report(url: str, n_docs: int = DEFAULT_DOCS) -> str:
         f"<tr><th>methods</th><td>{_e(', '.join(results))}</td></tr>"
         f"<tr><th>documents</th><td>{info['documents']['indexed']} indexed, {info['documents']['skipped']} skipped, "
         f"{info['partitions']['total']} partitions</td></tr>"
-        f"<tr><th>queries</th><td>{len(queries)}</td></tr></table>"
+        f"<tr><th>queries</th><td>{len(queries)}</td></tr>"
+        f"<tr><th>scoring</th><td>{_e(_mode_text(info))}</td></tr></table>"
         f'<table class="meta"><tr><th>stage</th><th>status</th><th>time</th></tr>{stages}</table>'
         f'<p class="legend">token shading: <span class="swatch" style="background:rgb{POSITIVE}"></span>raises the score '
         f'(proponent) <span class="swatch" style="background:rgb{NEGATIVE}"></span>lowers it; opacity is the term '
@@ -242,7 +259,7 @@ def render_report(url: str, n_docs: int = DEFAULT_DOCS) -> str:
             f'<section class="query" id="q-{i}" data-query-id="{_e(qid)}"><h2>Query {_e(qid)}</h2>'
             f'<div class="qa"><span class="label">prompt</span><pre class="prompt">{_e(q["prompt"])}</pre>'
             f'<span class="label">completion</span><pre class="completion">{_e(q["completion"])}</pre></div>'
-            f"{blocks}</section>"
+            f"{_energy_html(info['query_energy'], qid)}{blocks}</section>"
         )
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Influence report: {_e(info["run_dir"])}'
             f"</title><style>{CSS}</style></head><body>{header}<main>{''.join(sections)}</main></body></html>\n")

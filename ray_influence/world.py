@@ -612,11 +612,9 @@ def build_world(spec: WorldSpec, cache_dir: str | os.PathLike, log=print) -> Wor
 
 
 JOB_DEFAULTS: dict = {
-    # Exact gradients: the models are tiny (an exact demo index is ~100 KB a document), and
+    # The default scoring mode (exact gradients against rank-16 query factors, no index):
     # the Gaussian projection's noise swamps the doubly preconditioned multi-stage query
-    # vector at small k. Demo world, multi-stage recall@10: 0.67 exact, 0.09 at dim 32,
-    # 0.22 at dim 64 (whose 64x64 blocks are larger than these modules' exact gradients).
-    "projection": {"dim": 0, "seed": 0},
+    # vector at small k (demo world, multi-stage recall@10: 0.67 exact, 0.09 at dim 32).
     "ekfac": {"fisher": True, "fisher_samples": 4, "covariance_max_docs": 10000, "damping": "auto", "seed": 0},
     "scoring": {"methods": ["multi_stage", "single_stage", "grad_dot", "grad_cos"], "top_k": 50},
     "cluster": {"replicas": 2, "num_cpus_per_worker": 1},

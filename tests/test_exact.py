@@ -246,3 +246,13 @@ def test_a_config_with_only_paths_runs_the_exact_mode(tmp_path, ray_local):
     assert "index" not in summary and summary["score_corpus"]["docs"] == 20
     assert not (Path(paths["run_dir"]) / "index").exists()
     assert (Path(paths["run_dir"]) / "query_energy.parquet").exists()
+    from ray_influence.inspection import describe_run, format_run
+    from ray_influence.report import render_report
+
+    info = describe_run(paths["run_dir"])
+    assert info["mode"] == "exact" and info["stages"]["index"]["status"] == "exact: done"
+    assert set(info["query_energy"]["multi_stage"]) == {"q0", "q1", "q2"}
+    assert all(0 < v <= 1 + 1e-12 for v in info["query_energy"]["multi_stage"].values())
+    assert "query energy kept at rank 16" in format_run(info)
+    page = render_report(paths["run_dir"])
+    assert page.count('class="energy"') == 3 and "rank-16 query factors" in page

@@ -56,7 +56,7 @@ def test_every_method_ranks_every_query(run):
     for method in cfg["scoring"]["methods"]:
         mine = [r for r in rows if r["method"] == method]
         assert len(mine) == n_queries * cfg["scoring"]["top_k"], method
-    assert summary["index"]["docs"] == len(world.data.corpus)
+    assert summary["score_corpus"]["docs"] == len(world.data.corpus)  # the default exact pass
 
 
 def test_multi_stage_finds_the_teaching_documents(run):
