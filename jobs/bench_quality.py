@@ -17,6 +17,13 @@ queries the fine-tuned model answers correctly:
   worlds    the headline methods on worlds of other seeds, previous vs current defaults.
   job       one setting through a real Ray job (``ray_influence.driver.run_job``), compared
             with the in-process numbers.
+  lowrank   (``--sections lowrank``) the default exact pass: exact document gradients
+            against rank-r truncated SVDs of each module's query vector
+            (``ray_influence.lowrank``, ``scoring.query_rank``) for ``--ranks``, beside the
+            projected index at ``--lowrank-dims``: MRR and Spearman vs exact, on the demo world
+            and ``--world-seeds``. Written to its own section of ``--doc``.
+
+    .venv/bin/python jobs/bench_quality.py --sections lowrank --out docs/bench_lowrank.json --doc docs/BENCHMARKS.md
 
 Every number has its spread over ``--seeds``: each seed is the EK-FAC seed (label sampling
 of the true Fisher and the covariance sample) and the projection seed. Per (seed,
@@ -44,13 +51,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 import torch  # noqa: E402
 
-from ray_influence import attribution  # noqa: E402
+from ray_influence import attribution, lowrank  # noqa: E402
 from ray_influence.config import EkfacConfig, ProjectionConfig, config_from_dict  # noqa: E402
 from ray_influence.ekfac import Fisher, ihvp, resolve_damping  # noqa: E402
 from ray_influence.example import DEMO_SPEC  # noqa: E402
@@ -72,10 +80,15 @@ METHODS = tuple(m.value for m in Method)
 PREVIOUS_DEFAULTS = {"damping_ft": "auto", "damping_pt": "auto", "fisher_samples": 1}
 """The config defaults before this benchmark (ekfac.damping: auto, ekfac.fisher_samples: 1)."""
 MARK_START, MARK_END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
+LOWRANK_MARKS = ("<!-- bench_lowrank:start -->", "<!-- bench_lowrank:end -->")
+LOWRANK_COMMAND = ("RAY_AUTH_MODE=disabled .venv/bin/python jobs/bench_quality.py --sections lowrank "
+                   "--out docs/bench_lowrank.json --doc docs/BENCHMARKS.md")
 COMMAND = ("RAY_AUTH_MODE=disabled .venv/bin/python jobs/bench_quality.py "
            "--out docs/bench_quality.json --doc docs/BENCHMARKS.md")
 MAX_TOKENS = 4096  # cluster.max_tokens_per_batch's default
 MODULES = (["*"], ["lm_head", "*embed*"])  # modules.include / exclude defaults
+WIDE = {"hidden": 128, "layers": 4}
+"""The wider worlds of the lowrank section: 4 blocks of width 128 (MLP 512), as a held-out check."""
 
 
 def current_defaults() -> dict:
@@ -102,6 +115,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--world-seeds", type=int, nargs="*", default=[1, 2],
                    help="further worlds (WorldSpec.seed) for the previous-vs-current-defaults check")
     p.add_argument("--no-job", action="store_true", help="skip the check against a real Ray job")
+    p.add_argument("--sections", default="all", choices=["all", "lowrank"],
+                   help="all: the sections above; lowrank: only the exact pass at --ranks (its own doc section)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 0],
+                   help="query ranks of the lowrank section (0 = full rank, exact)")
+    p.add_argument("--lowrank-dims", type=int, nargs="+", default=[32, 128],
+                   help="projection dims shown beside the ranks in the lowrank section")
+    p.add_argument("--wide-worlds", type=int, nargs="*", default=[3],
+                   help="lowrank section: seeds of wider worlds (hidden 128, 4 blocks, MLP 512) measured too")
     p.add_argument("--out", default=None, help="JSON output path")
     p.add_argument("--doc", default=None, help="markdown file whose bench_quality section is (re)written")
     return p.parse_args(argv)
@@ -122,9 +143,9 @@ def log(msg: str) -> None:
 class Bench:
     """One world's models, examples, exact gradients and truth, and the fitted factors."""
 
-    def __init__(self, world_seed: int, workdir: str):
+    def __init__(self, world_seed: int, workdir: str, **spec):
         t0 = time.perf_counter()
-        self.world = build_world(dataclasses.replace(DEMO_SPEC, seed=world_seed), workdir, log=log)
+        self.world = build_world(dataclasses.replace(DEMO_SPEC, seed=world_seed, **spec), workdir, log=log)
         w = self.world
         self.pt, self.ft = load_model(str(w.pretrained_model)), load_model(str(w.finetuned_model))
         tok = load_tokenizer(str(w.pretrained_model))
@@ -281,6 +302,116 @@ def methods_table(bench: Bench, setting: dict, seeds, dims, methods=METHODS, spe
             for d in rho[m]:
                 res[m][str(d)]["spearman"] = agg(rho[m][d])
     return res
+
+
+def lowrank_scores(bench: Bench, method: Method, u: dict, rank: int) -> torch.Tensor:
+    """``[Q, N]`` exact-pass scores: every module's ``u`` cut to rank ``rank`` (``lowrank.truncate``,
+    the job's math), against the exact document gradients. Cosine scores keep the full query norm."""
+    u_r = {n: lowrank.dense(lowrank.truncate(u[n], rank)) for n in bench.names}
+    s = scores(flatten(u_r, bench.names), bench.doc_flat[method.doc_model])
+    if method.cosine:
+        qn = flatten(u, bench.names).to(torch.float64).norm(dim=1)
+        dn = bench.doc_flat[method.doc_model].norm(dim=1)
+        s = s / (qn[:, None] * dn[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+    return s
+
+
+def lowrank_table(bench: Bench, setting: dict, seeds, ranks, dims, methods=METHODS) -> dict:
+    """``{method: {"exact": metrics, "r<rank>": {metrics, spearman, energy}, "k<dim>": {metrics, spearman}}}``."""
+    cells: dict = {m: defaultdict(list) for m in methods}
+    for seed in seeds:
+        fft, fpt = bench.factors(seed, setting["fisher_samples"], 10**9)
+        fft, fpt = with_damping(fft, setting["damping_ft"]), with_damping(fpt, setting["damping_pt"])
+        for m in methods:
+            method = Method.parse(m)
+            u = precondition(method, bench.q_grads, fft, fpt)
+            exact = bench.score(method, u, 0, seed)
+            cells[m]["exact"].append({**bench.metrics(exact), "spearman": 1.0})
+            for r in ranks:
+                s = lowrank_scores(bench, method, u, r)
+                kept = sum(lowrank.truncate(u[n], r).kept for n in bench.names)
+                total = sum(u[n].flatten(1).square().sum(1) for n in bench.names)
+                cells[m][f"r{r}"].append({**bench.metrics(s), "spearman": spearman_rows(s, exact),
+                                          "energy": float((kept / total).min())})
+            for d in dims:
+                s = bench.score(method, u, d, seed)
+                cells[m][f"k{d}"].append({**bench.metrics(s), "spearman": spearman_rows(s, exact)})
+    out = {}
+    for m in methods:
+        out[m] = {}
+        for col, per_seed in cells[m].items():
+            cell = agg_metrics(per_seed)
+            cell["spearman"] = agg([c["spearman"] for c in per_seed])
+            if "energy" in per_seed[0]:
+                cell["energy_min"] = agg([c["energy"] for c in per_seed])
+            out[m][col] = cell
+    return out
+
+
+def render_lowrank(res: dict) -> str:
+    start, end = LOWRANK_MARKS
+    ranks, dims = res["args"]["ranks"], res["args"]["lowrank_dims"]
+    cols = [f"r{r}" for r in ranks] + [f"k{d}" for d in dims]
+    names = {**{f"r{r}": (f"rank {r}" if r else "full rank") for r in ranks}, **{f"k{d}": f"projected k={d}" for d in dims}}
+    L = [start, "", f"Measured with `{LOWRANK_COMMAND}` ({res['seconds']:.0f} s, {res['when']}).", "",
+         f"Setting: the config defaults ({setting_label(res['current'])}), seeds {res['args']['seeds']}. "
+         "Exact: every pair scored with the full preconditioned query; rank r: each module's query cut to its "
+         "rank-r SVD (`scoring.mode: exact`, `scoring.query_rank: r`); projected: the index at k (`scoring.mode: "
+         "index`). Spearman is against exact, per query, over the whole corpus; MRR on all queries. "
+         "Mean ± sd over seeds.", ""]
+    for ws, per in res["lowrank"].items():
+        size = next(w for w in res["worlds"] if w["name"] == ws)
+        L += [f"**World {ws}** ({size['docs']} documents, {size['queries']} queries, {size['parameters']:,} "
+              f"parameters, {size['tracked_modules']} modules, gradient width {size['gradient_width']:,}):", "",
+              "| method | measure | exact | " + " | ".join(names[c] for c in cols) + " |",
+              "|---|---|---|" + "---|" * len(cols)]
+        for m, row in per.items():
+            L.append(f"| {m} | Spearman vs exact | 1 | " + " | ".join(pm(row[c]["spearman"]) for c in cols) + " |")
+            L.append(f"| {m} | MRR | {pm(row['exact']['all']['mrr'])} | "
+                     + " | ".join(pm(row[c]["all"]["mrr"]) for c in cols) + " |")
+            L.append(f"| {m} | min energy kept | 1 | " + " | ".join(
+                pm(row[c]["energy_min"]) if "energy_min" in row[c] else "" for c in cols) + " |")
+        L.append("")
+    L += ["Raw numbers: `docs/bench_lowrank.json`.", "", end]
+    return "\n".join(L)
+
+
+def write_lowrank_doc(path: str, section: str) -> None:
+    p = Path(path)
+    start, end = LOWRANK_MARKS
+    text = p.read_text() if p.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Exact pass against low-rank queries (`jobs/bench_quality.py --sections lowrank`)\n\n" \
+            + section + "\n"
+    p.write_text(text)
+
+
+def main_lowrank(args) -> int:
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    current = current_defaults()
+    res: dict = {"args": vars(args), "current": current, "worlds": [], "lowrank": {},
+                 "when": time.strftime("%Y-%m-%d"), "versions": {"torch": torch.__version__}}
+    worlds = [(str(ws), ws, {}) for ws in [0] + list(args.world_seeds)]
+    worlds += [(f"{ws}-wide", ws, WIDE) for ws in args.wide_worlds]
+    for name, ws, spec in worlds:
+        b = Bench(ws, args.workdir, **spec)
+        res["worlds"].append({**b.size, "name": name})
+        res["lowrank"][name] = lowrank_table(b, current, args.seeds, args.ranks, args.lowrank_dims)
+        for m, row in res["lowrank"][name].items():
+            log(f"  world {name} {m:<13} MRR exact {pm(row['exact']['all']['mrr'])}  " + "  ".join(
+                f"{c} MRR {pm(cell['all']['mrr'])} rho {pm(cell['spearman'])}" for c, cell in row.items() if c != "exact"))
+    res["seconds"] = time.perf_counter() - t_start
+    log(f"done in {res['seconds']:.0f}s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    if args.doc:
+        write_lowrank_doc(args.doc, render_lowrank(res))
+    return 0
 
 
 def bm25_rows(bench: Bench) -> dict:
@@ -577,6 +708,8 @@ def write_doc(path: str, section: str) -> None:
 
 
 def main(args) -> int:
+    if args.sections == "lowrank":
+        return main_lowrank(args)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     current = current_defaults()

@@ -11,6 +11,11 @@ Sections:
            step) vs the covariance, Λ, index (projected) and query (exact) passes
   rotation the Λ pass with every rotation per token vs the per-document choice (ekfac.rotates_per_token),
            on the --long documents (not in the default sections)
+  exact    the default exact pass (scoring.mode: exact): tokens/s of the corpus pass scoring
+           exact document gradients against Q rank-r query factors (--queries, --rank), vs a
+           training step and the projected index pass, in the same interleaved rounds; the
+           modules' sides (low rank / formed DW) and the process's peak RSS
+           (not in the default sections:  --sections exact --out docs/bench_exact.json)
   scoring  (documents x queries)/s of reading index pieces + scores + top-k, vs a bare matmul
   job      the whole job on local Ray: wall time per stage, peak RSS per worker, at N, 2N, 4N
            documents; 1 replica on 1 core vs 2 replicas on 2 cores; and scoring.fused at 2N
@@ -60,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=32, help="projection dim of the index pass")
     p.add_argument("--job-docs", type=int, default=256, help="N for the job scaling runs (N, 2N, 4N)")
     p.add_argument("--sections", nargs="+", default=["passes", "scoring", "job"])
+    p.add_argument("--queries", type=int, nargs="+", default=[16, 64, 256, 1024],
+                   help="exact section: query vectors scored in one pass")
+    p.add_argument("--rank", type=int, default=None, help="exact section: query rank (default: scoring.query_rank's)")
     p.add_argument("--out", default=None, help="JSON output path")
     return p.parse_args(argv)
 
@@ -139,6 +147,62 @@ def bench_passes(name: str, args, lo: int, hi: int, n_docs: int) -> dict:
     per_round = [(c + lam) / t for c, lam, t in zip(times["covariance"], times["lambda"], times["training_step"])]
     out["cov_plus_lambda_vs_training"] = statistics.median(per_round)
     out["cov_plus_lambda_vs_training_range"] = [min(per_round), max(per_round)]
+    return out
+
+
+def bench_exact(name: str, args, lo: int, hi: int, n_docs: int) -> dict:
+    """The exact pass against Q random rank-r query factors, vs a training step and the index pass.
+
+    The factors are random (the pass's cost does not depend on their values) and float32,
+    the work dtype of a float32 model; a job also holds the float64 copy it read.
+    """
+    import resource
+
+    from ray_influence.collectors import QueryScoreCollector
+    from ray_influence.config import DEFAULT_QUERY_RANK
+    from ray_influence.lowrank import QueryFactors
+    from ray_influence.passes import Labels
+
+    spec = MODELS[name]
+    rank = args.rank or DEFAULT_QUERY_RANK
+    model = freeze(tiny_model("gpt_neox", spec["vocab"], spec["hidden"], spec["layers"], spec["heads"],
+                              positions=max(512, hi)))
+    specs = find_tracked_modules(model)
+    docs = random_docs(n_docs, spec["vocab"], lo, hi)
+    tokens = sum(len(d) for d in docs)
+    projs = {n: make_projection(s, args.dim, 0) for n, s in specs.items()}
+    gen = torch.Generator().manual_seed(0)
+    out = {"model": name, "params": sum(p.numel() for p in model.parameters()), "docs": n_docs, "lengths": [lo, hi],
+           "tokens": tokens, "rank": rank, "threads": args.threads, "by_queries": []}
+    sides: dict = {}
+
+    def factors(q: int) -> dict:
+        return {n: QueryFactors(torch.randn(q, s.d_out, rank, generator=gen), torch.randn(q, s.d_in_aug, rank, generator=gen),
+                                torch.ones(q), torch.ones(q)) for n, s in specs.items()}
+
+    def exact(f: dict, q: int) -> None:
+        col = QueryScoreCollector(f)
+        attribution.run_batches(model, docs, specs, col, Labels.DATA, 0, args.max_tokens)
+        sides[q] = {n: sorted(v) for n, v in col.sides.items()}
+
+    for q in args.queries:
+        f = factors(q)
+        runs = {"training_step": lambda: training_step_pass(model, docs, args.max_tokens),
+                "index": lambda: attribution.document_gradients(model, docs, specs, projs, args.max_tokens),
+                "exact": lambda: exact(f, q)}
+        times = interleaved_times(runs, args.repeats)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        n_low = sum(1 for v in sides[q].values() if v == ["low_rank"])
+        row = {"queries": q, "seconds": times, "exact_tokens_per_s": tokens / med["exact"],
+               "exact_vs_training": med["training_step"] / med["exact"], "exact_vs_index": med["index"] / med["exact"],
+               "modules_low_rank": n_low, "modules_formed": len(sides[q]) - n_low,
+               "factor_bytes_float32": sum((s.d_out + s.d_in_aug) * rank * q * 4 for s in specs.values()),
+               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        out["by_queries"].append(row)
+        print(f"exact {name} Q={q}: {row['exact_vs_training']:.2f}x a training step, {row['exact_vs_index']:.2f}x "
+              f"the index pass; {n_low} modules low rank, {row['modules_formed']} formed; peak RSS "
+              f"{row['max_rss_mb']:.0f} MB", flush=True)
+        del f
     return out
 
 
@@ -299,6 +363,16 @@ def bench_job(args) -> dict:
 
 def table(results: dict) -> str:
     lines = []
+    for e in results.get("exact", []):
+        lo, hi = e["lengths"]
+        lines += [f"\n**exact pass, {e['model']}** ({e['params'] / 1e6:.1f}M parameters, {e['docs']} docs of {lo}–{hi} "
+                  f"tokens, rank {e['rank']}, {e['threads']} threads)\n",
+                  "| queries | tokens/s | vs training step | vs index pass | modules low rank / formed DW | factors (float32) | peak RSS |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in e["by_queries"]:
+            lines.append(f"| {r['queries']} | {r['exact_tokens_per_s']:,.0f} | {r['exact_vs_training']:.2f}x | "
+                         f"{r['exact_vs_index']:.2f}x | {r['modules_low_rank']} / {r['modules_formed']} | "
+                         f"{r['factor_bytes_float32'] / 2**20:,.0f} MB | {r['max_rss_mb']:,.0f} MB |")
     for p in results.get("passes", []):
         lo, hi = p["lengths"]
         lines += [f"\n**{p['model']}** ({p['params'] / 1e6:.1f}M parameters, {p['docs']} docs of {lo}–{hi} tokens, "
@@ -355,6 +429,8 @@ def main(args) -> int:
         lo, hi = args.long or (args.min_len, args.max_len)
         n_rot = max(1, round(args.docs * (args.min_len + args.max_len) / (lo + hi)))
         results["rotation"] = [bench_rotation(m, args, lo, hi, n_rot) for m in args.models]
+    if "exact" in args.sections:
+        results["exact"] = [bench_exact(m, args, args.min_len, args.max_len, args.docs) for m in args.models]
     if "scoring" in args.sections:
         results["scoring"] = bench_scoring(args)
     if "job" in args.sections:

@@ -139,6 +139,10 @@ class ProjectedCollector(_PerDocCollector):
         self._store(name, projected_doc_gradients(pa, pg))
 
 
+DENSE_QUERY_BYTES = 1 << 30
+"""Default bytes of dense query vectors one exact pass may hold for the formed-``DW`` side."""
+
+
 class QueryScoreCollector:
     """Exact per-document scores against low-rank query factors, and ``‖DW‖_F²`` (the exact pass).
 
@@ -150,16 +154,17 @@ class QueryScoreCollector:
     Args:
         factors: ``{name: QueryFactors}`` of the pass's ``Q`` query vectors (every method
             scored against this model, concatenated), each module's rank the same for all.
-        dense_max_bytes: the largest dense ``u_r`` (``[Q, d_out, d_in']`` in the work dtype)
-            a module may build for the formed-gradient side; past it the low-rank side runs.
+        dense_max_bytes: the bytes of dense ``u_r`` (``[Q, d_out, d_in']`` in the work dtype)
+            the formed-gradient side may hold, over all modules together; a module whose
+            dense ``u_r`` would not fit what is left runs the low-rank side.
         force: ``"low_rank"`` or ``"dense"`` to pin every module's side (tests); None: cost model.
     """
 
     samples = 1
 
-    def __init__(self, factors: dict, dense_max_bytes: int = 256 << 20, force: str | None = None):
+    def __init__(self, factors: dict, dense_max_bytes: int = DENSE_QUERY_BYTES, force: str | None = None):
         self._factors = factors
-        self._dense_max = dense_max_bytes
+        self._dense_left = dense_max_bytes
         self._force = force
         self._converted: dict = {}
         self._calls: dict[str, int] = defaultdict(int)
@@ -183,19 +188,26 @@ class QueryScoreCollector:
     def keep_input(self, name: str, a: torch.Tensor) -> torch.Tensor:
         return a
 
-    def _forms(self, name: str, n_tokens: int, d_in: int, d_out: int, itemsize: int) -> bool:
+    def _forms(self, name: str, n_tokens: int, d_in: int, d_out: int, dtype: torch.dtype, device) -> bool:
         if self._force is not None:
             return self._force == "dense"
         f = self._factors[name]
         n_q = f.left.shape[0]
-        fits = n_q * d_out * d_in * itemsize <= self._dense_max
-        return fits and lowrank.forms_gradient(n_tokens, d_in, d_out, n_q, f.rank)
+        if not lowrank.forms_gradient(n_tokens, d_in, d_out, n_q, f.rank):
+            return False
+        if (name, "dense", dtype, device) in self._converted:
+            return True
+        size = n_q * d_out * d_in * torch.empty(0, dtype=dtype).element_size()
+        if size > self._dense_left:
+            return False
+        self._dense_left -= size
+        return True
 
     def on_grad(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
         work = torch.promote_types(g.dtype, torch.float32)  # bf16 models score in float32
         a, g = a.to(work), g.to(work)
         (B, T, d_in), d_out = a.shape, g.shape[-1]
-        if self._forms(name, T, d_in, d_out, a.element_size()):
+        if self._forms(name, T, d_in, d_out, work, a.device):
             self.sides[name].add("dense")
             dw = ekfac.per_doc_gradients(a, g)  # [B, o, i]
             s = lowrank.dense_scores(dw, self._prepared(name, "dense", work, a.device))

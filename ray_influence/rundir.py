@@ -9,12 +9,15 @@ Layout (``<stage>`` is ``pretrained`` or ``finetuned``, ``<part>`` a partition k
 
     run.json                              the config the run was started with
     factors/<stage>.shard-<s>.safetensors EK-FAC factors (+ .json marker)
-    index/<stage>/shard-<s>/<part>.safetensors  projected document gradients (+ marker)
+    index/<stage>/shard-<s>/<part>.safetensors  scoring.mode index: projected document gradients (+ marker)
     docs/<part>.parquet                   doc_id, doc_text, n_tokens, truncated (+ marker)
     skipped/<part>.parquet                rows skipped in a partition (+ marker)
-    queries/vectors.shard-<s>.safetensors preconditioned, projected query vectors (+ marker)
-    fused/<token>/<part>.safetensors      scoring.fused: a partition's top-k for one query set
-                                          (<token>), and its documents' squared norms (+ marker)
+    queries/vectors.shard-<s>.safetensors the shard's preconditioned queries: rank-r factors
+                                          (mode exact) or projected vectors (index, fused) (+ marker)
+    queries/queries.parquet               the stored queries: query_id, prompt, completion (+ marker)
+    query_energy.parquet                  mode exact: the share of each query's |u|^2 the rank keeps
+    fused/<token>/<part>.safetensors      modes exact and fused: a partition's top-k for one query
+                                          set (<token>), and its documents' squared norms (+ marker)
     results/method=<m>/part-0.parquet     top-k per query
     token_influence/method=<m>/part-0.parquet   per-token terms of the top documents
     layer_influence/method=<m>/part-0.parquet   per-module terms of the top documents

@@ -631,6 +631,8 @@ class Worker(ShardPeer):
         """``{name: QueryFactors}`` of every (method, query) pair of ``methods``, methods after one another."""
         qf = self._query_factors()["factors"]
         names = list(next(iter(qf.values()))) if qf else []
+        if len(methods) == 1:  # no copy
+            return dict(qf[Method.parse(methods[0]).value])
         return {n: QueryFactors(*(torch.cat([getattr(qf[m][n], f) for m in methods]) for f in QUERY_FACTOR_FIELDS))
                 for n in names}
 
