@@ -179,6 +179,15 @@ def _method_html(method: str, results: list[dict], tokens: dict, layers: dict, n
     )
 
 
+def _skipped_queries_html(info: dict) -> str:
+    """``, N skipped (reason n, …)`` after the query count, when the run lists skipped queries."""
+    n = info.get("queries_skipped")
+    if not n:
+        return "" if n is None else ", 0 skipped"
+    reasons = ", ".join(f"{r} {c}" for r, c in info["queries_skipped_by_reason"].items())
+    return f', <span class="skipped-queries">{n} skipped</span> ({_e(reasons)}; listed in skipped_queries.parquet)'
+
+
 def render_report(url: str, n_docs: int = DEFAULT_DOCS) -> str:
     """The report page of the run at ``url``, as HTML text.
 
@@ -226,7 +235,7 @@ def render_report(url: str, n_docs: int = DEFAULT_DOCS) -> str:
         f"<tr><th>methods</th><td>{_e(', '.join(results))}</td></tr>"
         f"<tr><th>documents</th><td>{info['documents']['indexed']} indexed, {info['documents']['skipped']} skipped, "
         f"{info['partitions']['total']} partitions</td></tr>"
-        f"<tr><th>queries</th><td>{len(queries)}</td></tr></table>"
+        f"<tr><th>queries</th><td>{len(queries)}{_skipped_queries_html(info)}</td></tr></table>"
         f'<table class="meta"><tr><th>stage</th><th>status</th><th>time</th></tr>{stages}</table>'
         f'<p class="legend">token shading: <span class="swatch" style="background:rgb{POSITIVE}"></span>raises the score '
         f'(proponent) <span class="swatch" style="background:rgb{NEGATIVE}"></span>lowers it; opacity is the term '

@@ -28,6 +28,7 @@ from .modules import ModuleSpec, find_tracked_modules
 from .pipeline import ShardLost, ShardSession, pipelined_batches
 from .shard_peer import CRASH_PEER_ONCE_ENV, ShardPeer
 from .projection import make_projection, project_matrix
+from .query_input import finite_queries, load_queries, skipped_summary, write_skipped_queries
 from .rundir import RunDir
 from .scoring import (
     BlockScores,
@@ -427,29 +428,21 @@ class Worker(ShardPeer):
         Sharded, each shard preconditions and writes its own modules' query vectors.
         """
         q = self.cfg.queries
-        recs = read_records(q.path, [q.id_column, q.prompt_column, q.completion_column])
-        if not recs:
-            raise ValueError(f"queries {q.path!r} hold no rows")
-        tok = self.tokenizer("finetuned")
-        ids = [r[q.id_column] for r in recs]
-        if len(set(map(str, ids))) != len(ids):
-            raise ValueError(f"queries {q.path!r}: duplicate query ids")
-        examples = [
-            tokenize_prompt_completion(tok, str(r[q.id_column]), r[q.prompt_column] or "",
-                                       r[q.completion_column] or "", q.max_length, add_eos=False)
-            for r in recs
-        ]
+        selection = load_queries(q, self.tokenizer("finetuned"))  # the kept queries, in file order (query_input)
+        recs, ids, examples = list(selection.records), selection.ids, list(selection.examples)
         plan = self._plan("finetuned", "gradients", False)
         sid, kept, _, skipped = self._run("finetuned", examples, plan, [("gradients", False)] * len(self.peers))
-        if skipped:
-            raise ValueError(f"queries {list(skipped)[:5]} have a non-finite loss at the fine-tuned model")
+        if skipped:  # a non-finite loss: skipped and listed too (peers get only the kept ids and records)
+            selection = finite_queries(selection, skipped)
+            recs, ids = list(selection.records), selection.ids
         order = attribution.input_order(examples, kept)
         refs = self._peer_results("write_queries", sid, order, ids, recs, list(methods))
         vectors = self._query_vectors_of({n: g[order] for n, g in plan.collector.result().items()}, methods)
         write_query_vectors(self.run, self.shard, ids, recs, q, vectors)
         if refs:
             self._peer_get(refs)
-        return {"queries": len(ids), "methods": list(vectors)}
+        write_skipped_queries(self.run, selection.skipped)
+        return {"queries": len(ids), "methods": list(vectors), **skipped_summary(selection)}
 
     def _query_vectors_of(self, grads: dict, methods: Sequence[str]) -> dict:
         """``{method: [Q, width]}`` of this worker's modules, from exact query gradients."""
