@@ -64,6 +64,10 @@ def print_summary(summary: dict, run_dir: str) -> None:
     for stage, seconds in summary.get("timings", {}).items():
         details = {k: v for k, v in summary.items() if k == stage or k.startswith(stage + "_")}
         print(f"  {stage:<6} {seconds:8.1f}s  {json.dumps(details, default=str)}")
+    skipped = summary.get("query", {}).get("skipped")
+    if skipped:
+        reasons = ", ".join(f"{r}: {n}" for r, n in summary["query"]["skipped_by_reason"].items())
+        print(f"\nskipped queries: {skipped} ({reasons}), listed in {run_dir}/skipped_queries.parquet")
     if "score" in summary:
         print(f"\nresults: {run_dir}/results/  (hive-partitioned by method)")
         print(f"  duckdb -c \"select * from read_parquet('{run_dir}/results/**/*.parquet', hive_partitioning=true) "

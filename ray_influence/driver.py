@@ -353,7 +353,8 @@ class Job:
         methods = [m.value for m in self.cfg.methods]
         result = self._retrying("query", lambda: ray.get(self.workers[0].queries.remote(methods)))
         self.summary["query"] = result
-        self.log(f"query: {result['queries']} queries x {len(result['methods'])} methods")
+        self.log(f"query: {result['queries']} queries x {len(result['methods'])} methods, "
+                 f"{result.get('skipped', 0)} skipped (listed in {self.cfg.run_dir}/skipped_queries.parquet)")
 
     # ----------------------------------------------------------------- score
 

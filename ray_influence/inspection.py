@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from .data import InputError
+from .query_input import read_skipped_reasons
 from .rundir import RunDir
 from .scoring import Method
 from .store import QUERY_ENERGY_TABLE, STAGES, TOKEN_TABLES, factors_rel, method_table_rel, queries_rel
@@ -95,6 +96,7 @@ def describe_run(url: str) -> dict[str, Any]:
         # use_threads=False: pyarrow's thread pool and torch's can abort the interpreter at exit.
         table = pq.read_table(io.BytesIO(run.read_bytes("skipped.parquet")), columns=["reason"], use_threads=False)
         skipped.update(table.column("reason").to_pylist())
+    skipped_queries = read_skipped_reasons(run)  # None: no skipped_queries.parquet (a run from before the list)
 
     token_top = cfg["scoring"].get("token_influence_top", 0)
     status = {
@@ -126,6 +128,8 @@ def describe_run(url: str) -> dict[str, Any]:
         "documents": {"indexed": sum(int(docs[f"{k}.parquet"].get("docs", 0)) for k in indexed),
                       "skipped": sum(skipped.values())},
         "queries": queries.get("queries") if queries else None,
+        "queries_skipped": sum(skipped_queries.values()) if skipped_queries is not None else None,
+        "queries_skipped_by_reason": dict(sorted((skipped_queries or {}).items())),
         "skipped_by_reason": dict(sorted(skipped.items())),
         "results_rows": results,
         "token_influence_rows": tokens["token_influence"],
@@ -171,7 +175,7 @@ def format_run(info: dict[str, Any]) -> str:
         "fit": ", ".join(f"{s} factors {'yes' if ok else 'no'}" for s, ok in info["factors"].items()),
         "index": f"{p['indexed']}/{p['total']} partitions" + (f" scored in the corpus pass ({info['mode']}), no index"
                                                               if info["fused"] else ""),
-        "query": f"{info['queries']} queries" if info["queries"] is not None else "",
+        "query": f"{info['queries']} queries{_skipped_queries(info)}" if info["queries"] is not None else "",
         "score": ", ".join(f"{m} {n} rows" for m, n in info["results_rows"].items() if n is not None),
         "tokens": ", ".join(f"{m} {n} rows" for m, n in info["token_influence_rows"].items() if n is not None),
     }
@@ -181,7 +185,7 @@ def format_run(info: dict[str, Any]) -> str:
         "",
         f"documents  {d['indexed']} {'scored (fused)' if info['fused'] else 'indexed'}, {d['skipped']} skipped",
         f"partitions {p['total']} ({p['indexed']} {'scored (fused)' if info['fused'] else 'indexed'})",
-        f"queries    {info['queries'] if info['queries'] is not None else '-'}",
+        f"queries    {info['queries'] if info['queries'] is not None else '-'}{_skipped_queries(info)}",
     ]
     if info["query_energy"]:
         lines.append(f"query energy kept at rank {info['query_rank'] or 'full'} (share of |u|^2, per query)")
@@ -189,8 +193,16 @@ def format_run(info: dict[str, Any]) -> str:
             v = list(per.values())
             worst = min(per, key=per.get)
             lines.append(f"  {m:<13} min {min(v):.3f} ({worst})  mean {sum(v) / len(v):.3f}")
-    if info["skipped_by_reason"]:
-        lines.append("skipped by reason")
-        width = max(len(r) for r in info["skipped_by_reason"])
-        lines += [f"  {r:<{width}}  {n}" for r, n in info["skipped_by_reason"].items()]
+    for title, key in (("skipped by reason", "skipped_by_reason"),
+                       ("skipped queries by reason", "queries_skipped_by_reason")):
+        if info[key]:
+            lines.append(title)
+            width = max(len(r) for r in info[key])
+            lines += [f"  {r:<{width}}  {n}" for r, n in info[key].items()]
     return "\n".join(lines)
+
+
+def _skipped_queries(info: dict[str, Any]) -> str:
+    """``, N skipped`` after a query count, when the run lists its skipped queries."""
+    n = info.get("queries_skipped")
+    return "" if n is None else f", {n} skipped"

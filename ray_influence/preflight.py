@@ -73,21 +73,22 @@ def check_models(cfg: Config) -> None:
                 raise InputError(f"{what} {path!r}: model shards read safetensors weights only")
 
 
-def check_queries(cfg: Config) -> None:
-    q = cfg.queries
-    rows = read_records(q.path, [q.id_column, q.prompt_column, q.completion_column])
-    if not rows:
-        raise InputError(f"queries {q.path!r} hold no rows")
-    seen = set()
-    for r in rows:
-        qid, completion = r[q.id_column], r[q.completion_column]
-        if qid is None:
-            raise InputError(f"queries {q.path!r}: a row has no {q.id_column!r}")
-        if str(qid) in seen:
-            raise InputError(f"queries {q.path!r}: duplicate query id {qid!r}")
-        seen.add(str(qid))
-        if not isinstance(completion, str) or not completion.strip():
-            raise InputError(f"query {qid!r} has an empty completion {completion!r}; there is nothing to attribute")
+def check_queries(cfg: Config, tokenizer=None) -> None:
+    """Raises :class:`InputError` when the queries leave nothing to attribute.
+
+    Single queries that are bad are not errors: the query stage skips and lists them
+    (:func:`ray_influence.query_input.select_queries`, the same decision).
+
+    Args:
+        tokenizer: the fine-tuned model's tokenizer (loaded from ``finetuned_model`` if None).
+    """
+    from .query_input import load_queries
+
+    if tokenizer is None:
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.finetuned_model, cfg.model.trust_remote_code)
+    load_queries(cfg.queries, tokenizer)
 
 
 def check_finetune_data(cfg: Config) -> None:

@@ -195,6 +195,15 @@ def _energy_html(energy: dict, query_id: Any) -> str:
     return f'<p class="energy" data-energy="{min(kept.values()):.6f}">query energy kept by the rank: {parts}</p>'
 
 
+def _skipped_queries_html(info: dict) -> str:
+    """``, N skipped (reason n, …)`` after the query count, when the run lists skipped queries."""
+    n = info.get("queries_skipped")
+    if not n:
+        return "" if n is None else ", 0 skipped"
+    reasons = ", ".join(f"{r} {c}" for r, c in info["queries_skipped_by_reason"].items())
+    return f', <span class="skipped-queries">{n} skipped</span> ({_e(reasons)}; listed in skipped_queries.parquet)'
+
+
 def render_report(url: str, n_docs: int = DEFAULT_DOCS) -> str:
     """The report page of the run at ``url``, as HTML text.
 
@@ -242,7 +251,7 @@ def render_report(url: str, n_docs: int = DEFAULT_DOCS) -> str:
         f"<tr><th>methods</th><td>{_e(', '.join(results))}</td></tr>"
         f"<tr><th>documents</th><td>{info['documents']['indexed']} indexed, {info['documents']['skipped']} skipped, "
         f"{info['partitions']['total']} partitions</td></tr>"
-        f"<tr><th>queries</th><td>{len(queries)}</td></tr>"
+        f"<tr><th>queries</th><td>{len(queries)}{_skipped_queries_html(info)}</td></tr>"
         f"<tr><th>scoring</th><td>{_e(_mode_text(info))}</td></tr></table>"
         f'<table class="meta"><tr><th>stage</th><th>status</th><th>time</th></tr>{stages}</table>'
         f'<p class="legend">token shading: <span class="swatch" style="background:rgb{POSITIVE}"></span>raises the score '

@@ -23,6 +23,7 @@ Layout (``<stage>`` is ``pretrained`` or ``finetuned``, ``<part>`` a partition k
     layer_influence/method=<m>/part-0.parquet   per-module terms of the top documents
     report.html                           `ray-influence report`
     skipped.parquet                       every skipped row: doc_id, reason
+    skipped_queries.parquet               every skipped query of the last query stage: query_id, reason
     manifest.json                         stages done, counts and timings
 """
 

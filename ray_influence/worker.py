@@ -28,6 +28,7 @@ from .modules import ModuleSpec, find_tracked_modules
 from .pipeline import ShardLost, ShardSession, pipelined_batches
 from .shard_peer import ShardPeer
 from .projection import make_projection, project_matrix
+from .query_input import finite_queries, load_queries, skipped_summary, write_skipped_queries
 from .rundir import RunDir
 from .collectors import QueryScoreCollector
 from .config import ScoringMode
@@ -496,28 +497,20 @@ class Worker(ShardPeer):
         Sharded, each shard preconditions and writes its own modules' query vectors.
         """
         q = self.cfg.queries
-        recs = read_records(q.path, [q.id_column, q.prompt_column, q.completion_column])
-        if not recs:
-            raise ValueError(f"queries {q.path!r} hold no rows")
-        tok = self.tokenizer("finetuned")
-        ids = [r[q.id_column] for r in recs]
-        if len(set(map(str, ids))) != len(ids):
-            raise ValueError(f"queries {q.path!r}: duplicate query ids")
-        examples = [
-            tokenize_prompt_completion(tok, str(r[q.id_column]), r[q.prompt_column] or "",
-                                       r[q.completion_column] or "", q.max_length, add_eos=False)
-            for r in recs
-        ]
+        selection = load_queries(q, self.tokenizer("finetuned"))  # the kept queries, in file order (query_input)
+        recs, ids, examples = list(selection.records), selection.ids, list(selection.examples)
         plan = self._plan("finetuned", "gradients", False)
         sid, kept, _, skipped = self._run("finetuned", examples, plan, [("gradients", False)] * len(self.peers))
-        if skipped:
-            raise ValueError(f"queries {list(skipped)[:5]} have a non-finite loss at the fine-tuned model")
+        if skipped:  # a non-finite loss: skipped and listed too (peers get only the kept ids and records)
+            selection = finite_queries(selection, skipped)
+            recs, ids = list(selection.records), selection.ids
         order = attribution.input_order(examples, kept)
         refs = self._peer_results("write_queries", sid, order, ids, recs, list(methods))
         energy = self._write_queries(ids, recs, {n: g[order] for n, g in plan.collector.result().items()}, methods)
         for rows in self._peer_get(refs) if refs else []:
             energy += rows
-        out = {"queries": len(ids), "methods": [Method.parse(m).value for m in methods]}
+        write_skipped_queries(self.run, selection.skipped)
+        out = {"queries": len(ids), "methods": [Method.parse(m).value for m in methods], **skipped_summary(selection)}
         if self._exact:
             write_query_energy(self.run, energy)
             out.update(_rank_summary(energy, self.cfg.scoring.query_rank))

@@ -94,11 +94,21 @@ def test_tokenizer_mismatch(world, tmp_path, capsys):
     expect_exit_2(tmp_path, {**cfg, "finetuned_model": str(ft)}, capsys, "tokenizers differ")
 
 
-def test_empty_completion(world, tmp_path, capsys):
+def test_no_query_left_to_attribute(world, tmp_path, capsys):
+    """Bad queries are skipped one by one (tests/test_query_skip.py); none left is exit 2."""
     _, cfg = world
     q = tmp_path / "q.jsonl"
-    q.write_text(json.dumps({"query_id": "q0", "prompt": "the cat", "completion": "  "}) + "\n")
-    expect_exit_2(tmp_path, {**cfg, "queries": {"path": str(q)}}, capsys, "empty completion")
+    q.write_text(json.dumps({"query_id": "q0", "prompt": "the cat", "completion": "  "}) + "\n"
+                 + json.dumps({"query_id": "q0", "prompt": "the cat", "completion": " runs"}) + "\n")
+    expect_exit_2(tmp_path, {**cfg, "queries": {"path": str(q)}}, capsys,
+                  "every one of the 2 queries is skipped (duplicate_id: 1 (e.g. 'q0'), empty_completion: 1 (e.g. 'q0'))")
+
+
+def test_empty_queries_file(world, tmp_path, capsys):
+    _, cfg = world
+    q = tmp_path / "q.jsonl"
+    q.write_text("")
+    expect_exit_2(tmp_path, {**cfg, "queries": {"path": str(q)}}, capsys, "hold no rows")
 
 
 def test_missing_text_column(world, tmp_path, capsys):

@@ -17,6 +17,8 @@ from ray_influence.cli import main
 from ray_influence.config import config_from_dict
 from ray_influence.data import InputError, check_columns, list_files, plan_partitions, read_partition, read_records
 from ray_influence.preflight import check_finetune_data, check_queries
+from ray_influence.query_input import load_queries
+from ray_influence.toy import word_tokenizer
 from ray_influence.worker import Worker
 
 CORPUS = [{"key": f"d{i}", "body": f"text of document {i}", "text": None} for i in range(5)]
@@ -90,7 +92,9 @@ def test_prompt_completion_and_id_columns_are_mapped(fmt, tmp_path):
         "finetune_data": {"path": url, "prompt_column": "instruction", "completion_column": "response"},
         "queries": {"path": url, "id_column": "qid", "prompt_column": "instruction", "completion_column": "response"},
     })
-    check_queries(cfg)
+    tok = word_tokenizer([r["instruction"] + r["response"] for r in PAIRS])
+    check_queries(cfg, tok)
+    assert load_queries(cfg.queries, tok).records == tuple(PAIRS)
     check_finetune_data(cfg)
     worker = Worker(cfg)  # models load lazily: reading data needs none
     assert [(r["instruction"], r["response"]) for r in worker.finetune_records()] == \
