@@ -158,11 +158,14 @@ class Bench:
                                                    add_eos=False) for q in w.data.queries]
         self.specs = find_tracked_modules(self.pt, *MODULES)
         self.names = list(self.specs)
-        grads = {s: attribution.document_gradients(m, self.docs, self.specs, None, MAX_TOKENS)
-                 for s, m in (("pretrained", self.pt), ("finetuned", self.ft))}
-        assert all(len(g.keys) == len(self.docs) for g in grads.values()), "a corpus document was skipped"
-        self.doc_grads = {s: {n: t.to(torch.float64) for n, t in g.grads.items()} for s, g in grads.items()}
-        self.doc_flat = {s: flatten(g, self.names) for s, g in self.doc_grads.items()}  # [N, D] float64
+        self.doc_flat = {}  # [N, D] float64, one stage at a time (the wide worlds hold GBs)
+        for stage, model in (("pretrained", self.pt), ("finetuned", self.ft)):
+            g = attribution.document_gradients(model, self.docs, self.specs, None, MAX_TOKENS)
+            assert len(g.keys) == len(self.docs), "a corpus document was skipped"
+            self.doc_flat[stage] = flatten({n: t.to(torch.float64) for n, t in g.grads.items()}, self.names)
+            del g
+        # per-module views into the flat rows (one copy of the corpus gradients in memory)
+        self.doc_grads = {s: self._module_views(flat) for s, flat in self.doc_flat.items()}
         self.q_grads = attribution.document_gradients(self.ft, self.queries, self.specs, None, MAX_TOKENS).grads
         pos = {d.key: i for i, d in enumerate(self.docs)}
         truth = w.truth["queries"]
@@ -173,6 +176,15 @@ class Bench:
         self._factors: dict = {}
         self._projected: dict = {}
         self.seconds = {"setup": time.perf_counter() - t0, "fit": 0.0}
+
+    def _module_views(self, flat: torch.Tensor) -> dict:
+        """``{name: [N, d_out, d_in']}`` views of flat rows ``[N, D]`` (modules in ``names`` order)."""
+        out, start = {}, 0
+        for n in self.names:
+            r, c = self.specs[n].shape
+            out[n] = flat[:, start:start + r * c].unflatten(1, (r, c))
+            start += r * c
+        return out
 
     @property
     def size(self) -> dict:
