@@ -216,7 +216,7 @@ class Job:
 
     def fit(self, parts: Sequence[Partition]) -> None:
         for stage in STAGES:
-            if stage == "finetuned" or any(m.needs_factors for m in self.cfg.methods):
+            if any(stage in m.needs_factors for m in self.cfg.methods):  # only the factors a method uses
                 self._retrying(f"fit[{stage}]", self._fit_stage, stage, parts)
 
     def _shares(self, stage: str, parts: Sequence[Partition]) -> list[list]:

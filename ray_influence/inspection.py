@@ -78,7 +78,7 @@ def describe_run(url: str) -> dict[str, Any]:
     manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {"stages": {}}
     methods = [Method.parse(m) for m in cfg["scoring"]["methods"]]
     doc_stages = sorted({m.doc_model for m in methods}, key=STAGES.index)
-    fit_stages = [s for s in STAGES if s == "finetuned" or any(m.needs_factors for m in methods)]
+    fit_stages = [s for s in STAGES if any(s in m.needs_factors for m in methods)]
 
     factors = {s: run.piece_done(factors_rel(s, 0)) is not None for s in STAGES}
     docs = _markers(run, "docs", ".parquet")
@@ -100,7 +100,7 @@ def describe_run(url: str) -> dict[str, Any]:
 
     token_top = cfg["scoring"].get("token_influence_top", 0)
     status = {
-        "fit": _status(sum(factors[s] for s in fit_stages), len(fit_stages)),
+        "fit": _status(sum(factors[s] for s in fit_stages), len(fit_stages)) if fit_stages else "not needed",
         "index": (f"{mode}: " if fused else "") + _status(len(indexed), len(part_keys)),
         "query": _status(int(queries is not None), 1),
         "score": _status(sum(v is not None for v in results.values()), len(methods)),

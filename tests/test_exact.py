@@ -256,3 +256,17 @@ def test_a_config_with_only_paths_runs_the_exact_mode(tmp_path, ray_local):
     assert "query energy kept at rank 16" in format_run(info)
     page = render_report(paths["run_dir"])
     assert page.count('class="energy"') == 3 and "rank-16 query factors" in page
+
+
+def test_gradient_similarity_alone_fits_no_factors(tmp_path, ray_local):
+    cfg = build_world(tmp_path)
+    cfg["scoring"] = {"methods": ["grad_dot", "grad_cos"], "top_k": 3}
+    summary = run_job(config_from_dict(cfg), progress=False)
+    assert not any(k.startswith("fit_") for k in summary), "grad_dot / grad_cos need no EK-FAC factors"
+    assert not (Path(cfg["run_dir"]) / "factors").exists()
+    from ray_influence.inspection import describe_run
+
+    assert describe_run(cfg["run_dir"])["stages"]["fit"]["status"] == "not needed"
+    single = with_(cfg, run_dir=str(tmp_path / "single"), scoring__methods=["single_stage"])
+    summary = run_job(config_from_dict(single), progress=False)
+    assert "fit_finetuned" in summary and "fit_pretrained" not in summary  # single_stage: H_ft only
