@@ -211,6 +211,7 @@ def wait_for_other_jobs_actors_to_exit(ray, timeout_s: float) -> None:
 
     mine = ray.get_runtime_context().get_job_id()
     pids = {a["Pid"] for a in actors().values() if a.get("JobID") != mine and a.get("Pid")}
+    assert pids, "the GCS lists no actor of another job: the killed driver's workers cannot be awaited"
     deadline = time.monotonic() + timeout_s
     while pids := {p for p in pids if not _process_gone(p)}:
         assert time.monotonic() < deadline, f"actor processes {sorted(pids)} of the killed driver still run"
