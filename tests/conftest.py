@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny float64 models of the four architectures, and example builders."""
+"""Shared fixtures: tiny float64 models of the four architectures, and example builders.
+
+``RAY_INFLUENCE_TEST_THREADS=N`` runs the tests with ``torch.set_num_threads(N)`` (and
+``OMP_NUM_THREADS=N`` for the processes they start); unset, torch's default. Either way
+every test starts at that count: code that sets it in this process (an in-process
+``Worker`` sets its configured CPUs) does not carry over into the next test.
+"""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -13,6 +20,33 @@ from ray_influence.toy import ARCHITECTURES, tiny_model
 
 ARCHS = tuple(ARCHITECTURES)
 VOCAB = 40
+THREADS_ENV = "RAY_INFLUENCE_TEST_THREADS"
+_THREADS: list[int] = []
+
+
+def pytest_configure(config):
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        n = int(value)
+        torch.set_num_threads(n)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # subprocesses and Ray workers started from here
+            os.environ[var] = str(n)
+        if torch.get_num_threads() != n:
+            raise pytest.UsageError(f"{THREADS_ENV}={n} did not take effect: torch uses {torch.get_num_threads()}")
+    _THREADS[:] = [torch.get_num_threads()]
+
+
+def pytest_report_header(config):
+    return (f"torch threads: {torch.get_num_threads()} ({THREADS_ENV}={os.environ.get(THREADS_ENV, 'unset')}, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Every test starts at the session's thread count, whatever the test before it set."""
+    if _THREADS and torch.get_num_threads() != _THREADS[0]:
+        torch.set_num_threads(_THREADS[0])
+    yield
 
 
 def random_examples(n: int, vocab: int = VOCAB, min_len: int = 3, max_len: int = 9, seed: int = 0,

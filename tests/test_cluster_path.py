@@ -22,18 +22,23 @@ BIN = Path(sys.executable).parent
 @pytest.fixture()
 def head_node():
     """`ray start --head --block` on loopback; stopped by signalling the PID we started."""
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent = free_port(), free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ri", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent}",
          "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{dash}"
     wait_for_http(f"{url}/api/version", proc, 120, "the ray head")
+    # `ray job submit` needs the head node's job agent, which comes up after the dashboard
+    # (the dashboard then waits only 10 s for it): wait for the agent itself. It registers
+    # its address right after its HTTP server answers.
+    wait_for_http(f"http://127.0.0.1:{agent}/api/healthz", proc, 120, "the ray dashboard agent")
     try:
         yield url, env
     finally:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from test_job import assert_same_scores  # float64 end to end: SCORE_RTOL of test_job
 from world import build_world
 from ray_influence.config import config_from_dict
 from ray_influence.driver import run_job
@@ -17,7 +18,6 @@ from ray_influence.models import load_model, load_tokenizer
 from ray_influence.store import factors_rel, index_rel
 from ray_influence.worker import CRASH_ONCE_ENV
 
-SCORE_RTOL = 1e-8
 
 
 def results(run_dir: str) -> list[tuple]:
@@ -27,8 +27,7 @@ def results(run_dir: str) -> list[tuple]:
 
 def same_results(a: list[tuple], b: list[tuple]) -> None:
     assert [r[:4] for r in a] == [r[:4] for r in b]
-    for x, y in zip(a, b):
-        assert x[4] == pytest.approx(y[4], rel=SCORE_RTOL)
+    assert_same_scores(a, b)  # within SCORE_RTOL of the largest |score| of each method and query
 
 
 def indexed_ids(run_dir: str) -> list:

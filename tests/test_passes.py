@@ -70,13 +70,13 @@ def test_sampled_labels_follow_the_model():
 
 
 def test_finite_positions_is_exact():
-    x = torch.randn(2, 4, 7)
+    x = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(0))
     x[0, 1, 3] = float("nan")
     x[1, 2, 0] = float("-inf")
     x[1, 3, :] = 3e38  # finite logits whose sum overflows
     want = torch.isfinite(x).all(-1)
     assert torch.equal(_finite_positions(x), want)
-    assert bool(_finite_positions(torch.randn(3, 5, 6)).all())
+    assert bool(_finite_positions(torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(1))).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -102,4 +102,5 @@ def test_closed_form_logits_gradient_is_autograds(dtype):
         for s in range(samples):
             loss = -(logp.gather(-1, targets[s][..., None]).squeeze(-1) * weights).sum()
             want = torch.autograd.grad(loss, x, retain_graph=True)[0]
-            assert (got[s] - want).abs().max() <= tol * want.abs().max(), s
+            err = float((got[s] - want).abs().max() / want.abs().max())
+            assert err <= tol, f"{dtype} sample {s}: max |diff| / max |want| = {err:.3e} > {tol:.0e}"

@@ -27,10 +27,16 @@ from ray_influence.store import factors_rel, index_rel
 from ray_influence.tokens import collate
 
 from conftest import ARCHS, random_examples
+from precision import FLOAT64_RTOL, assert_close
 
-SCORE_RTOL = 1e-9  # float64: the shards compute the same sums, split by module
+# Float64: the shards run the same HF modules on the same batches (the chained forward is
+# bitwise the full one, test_chained_shards_reproduce_the_model_forward), so even Bloom's
+# float32 softmax sees the same inputs; the sums are split by module. Every bound is
+# relative to the magnitude of the values compared (a table's scores of one method and
+# query, an iHVP vector, the index), since values near 0 carry the round-off of the large.
+SCORE_RTOL = 1e-9
 FACTOR_RTOL = 1e-9
-INDEX_ATOL = 1e-12
+INDEX_RTOL = FLOAT64_RTOL
 LAYERS = 4
 
 
@@ -83,11 +89,18 @@ def index_columns(run_dir: str, stage: str, shards: int) -> torch.Tensor:
 
 
 def assert_same_rows(got: list[tuple], want: list[tuple], score_cols: tuple[int, ...]) -> None:
+    """Rows (query_id first, method last) equal but for their scores, which agree within
+    SCORE_RTOL of the largest |score| of their method and query in ``want``."""
     assert len(got) == len(want)
+    scale: dict[tuple, float] = {}
+    for w in want:
+        key = (w[-1], w[0])
+        scale[key] = max([scale.get(key, 0.0)] + [abs(w[i]) for i in score_cols])
     for g, w in zip(got, want):
         assert [x for i, x in enumerate(g) if i not in score_cols] == [x for i, x in enumerate(w) if i not in score_cols]
         for i in score_cols:
-            assert g[i] == pytest.approx(w[i], rel=SCORE_RTOL, abs=1e-14), (g, w)
+            bound = SCORE_RTOL * max(abs(w[i]), scale[(w[-1], w[0])])
+            assert abs(g[i] - w[i]) <= bound, f"{w}: score {g[i]!r}, |diff| {abs(g[i] - w[i]):.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -102,9 +115,10 @@ def test_shards_give_the_same_factors_index_and_results(arch, tmp_path, ray_loca
             a, b = module_actions(cfg["run_dir"], stage, 1), module_actions(other["run_dir"], stage, shards)
             assert list(a) == list(b), "the shards' modules, in order, are the model's"
             for n in a:
-                assert torch.allclose(b[n], a[n], rtol=FACTOR_RTOL, atol=0), f"S={shards} {stage} {n}"
+                assert_close(b[n], a[n], FACTOR_RTOL, f"S={shards} {stage} {n}: iHVP of a fixed vector")
         ia, ib = index_columns(cfg["run_dir"], "pretrained", 1), index_columns(other["run_dir"], "pretrained", shards)
-        assert ia.shape == ib.shape and torch.allclose(ib, ia, rtol=0, atol=INDEX_ATOL), f"S={shards} index"
+        assert ia.shape == ib.shape
+        assert_close(ib, ia, INDEX_RTOL, f"S={shards} index")
         # results: (query_id, rank, doc_id, score, doc_text, method); scores at column 3
         assert_same_rows(results(other["run_dir"]), results(cfg["run_dir"]), (3,))
         assert_same_rows(results(other["run_dir"], "layer_influence"), results(cfg["run_dir"], "layer_influence"), (4,))
@@ -120,7 +134,7 @@ def test_two_sharded_replicas_match(tmp_path, ray_local):
     assert len(summary["workers"]) == 4 and {w["shard"] for w in summary["workers"]} == {0, 1}
     a, b = module_actions(one["run_dir"], "pretrained", 2), module_actions(two["run_dir"], "pretrained", 2)
     for n in a:
-        assert torch.allclose(b[n], a[n], rtol=FACTOR_RTOL, atol=0), n
+        assert_close(b[n], a[n], FACTOR_RTOL, f"{n}: iHVP of a fixed vector")
     assert_same_rows(results(two["run_dir"]), results(one["run_dir"]), (3,))
     # Fused: each shard scores its own columns during the corpus pass; no index is written.
     fused = sharded(cfg, 2, "fused", replicas=2, num_cpus_per_worker=0.5)
@@ -176,7 +190,7 @@ def test_chained_shards_reproduce_the_model_forward(arch, tmp_path):
         parts = [load_shard(cfg["pretrained_model"], b, f, l, torch.float64) for b, f, l in shard_layout(LAYERS, shards)]
         got = chain(parts, batch.input_ids, batch.token_mask)
         m = batch.token_mask[..., None]
-        assert torch.allclose(got * m, want * m, rtol=0, atol=1e-12), f"{arch} S={shards}"
+        assert_close(got * m, want * m, FLOAT64_RTOL, f"{arch} S={shards} logits")
 
 
 def test_split_blocks_is_contiguous_and_balanced():
