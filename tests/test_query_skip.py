@@ -63,7 +63,8 @@ def world(tmp_path_factory, ray_local):
     """A finished run over the four good queries: the reference every other query file is held to."""
     root = tmp_path_factory.mktemp("world")
     cfg = build_world(root)
-    cfg["scoring"] = {"methods": ["multi_stage", "grad_dot"], "top_k": 5, "token_influence_top": 2}
+    cfg["scoring"] = {"methods": ["multi_stage", "grad_dot"], "top_k": 5, "token_influence_top": 2,
+                     "mode": "index"}  # reruns reuse the index; new query files do not need a new corpus pass
     cfg = with_queries(cfg, write_queries(root / "good.jsonl", GOOD))
     summary = run_job(config_from_dict(cfg), progress=False)
     assert summary["query"]["queries"] == 4 and summary["query"]["skipped"] == 0
