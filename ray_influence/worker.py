@@ -113,8 +113,7 @@ class Worker(ShardPeer):
         self._specs: dict[str, dict[str, ModuleSpec]] = {}
         self._file_cache: dict = {}
         self._ft_records: list[dict] | None = None
-        self._queries_cache: tuple[str, dict] | None = None
-        self._factors_cache: tuple[str, dict] | None = None
+        self._queries_cache: tuple[tuple, dict] | None = None
         self._sessions: dict[str, tuple[ShardSession, PassPlan]] = {}
         self._held: dict[str, torch.Tensor] = {}
         self._piece_reader: IndexPieceReader | None = None
@@ -474,12 +473,14 @@ class Worker(ShardPeer):
         rows = PartitionRows(docs, examples, skipped, keep, {}, {})
         file_rows = torch.tensor([d.row for d in rows.kept_docs], dtype=torch.int64)
         partial = {}
+        qsq = self.query_sqnorms()  # summed over shards: one round trip per partition, not per method
         for stage, ms in by_stage.items():
             s, sq = scored[stage]
             start = 0
             for m in ms:
                 width = self._query_factors_count(m)
-                partial[m] = (s[keep, start:start + width].T.contiguous(), sq[keep], self._query_sqnorm(m))
+                partial[m] = (s[keep, start:start + width].T.contiguous(), sq[keep],
+                              torch.tensor(qsq[m], dtype=torch.float64))
                 start += width
         partial = {Method.parse(m).value: partial[Method.parse(m).value] for m in methods}
         top = _top_k_of(part, partial, file_rows, k)
@@ -612,13 +613,17 @@ class Worker(ShardPeer):
                 sq = {m: sq[m] + other[m] for m in sq}
         return {m: v.tolist() for m, v in sq.items()}
 
-    def _query_factors(self) -> dict:
-        """This shard's stored low-rank query factors (exact mode), read once per query piece."""
+    def _stored_queries(self, reader) -> dict:
+        """``reader(run, shard)`` of this shard's query piece, read once per piece (its sha256)."""
         marker = self.run.piece_done(queries_rel(self.shard))
-        token = marker["sha256"] if marker else None
-        if self._factors_cache is None or self._factors_cache[0] != token:
-            self._factors_cache = (token, read_query_factors(self.run, self.shard))
-        return self._factors_cache[1]
+        key = (reader.__name__, marker["sha256"] if marker else None)
+        if self._queries_cache is None or self._queries_cache[0] != key:
+            self._queries_cache = (key, reader(self.run, self.shard))
+        return self._queries_cache[1]
+
+    def _query_factors(self) -> dict:
+        """This shard's stored low-rank query factors (exact mode)."""
+        return self._stored_queries(read_query_factors)
 
     def _pass_factors(self, methods: Sequence[str]) -> dict:
         """``{name: QueryFactors}`` of every (method, query) pair of ``methods``, methods after one another."""
@@ -634,16 +639,9 @@ class Worker(ShardPeer):
         per = self._query_factors()["factors"][Method.parse(method).value]
         return next(iter(per.values())).left.shape[0] if per else len(self._query_factors()["ids"])
 
-    def _query_sqnorm(self, method: str) -> torch.Tensor:
-        """``[Q]`` squared norms of ``method``'s full (untruncated) query vectors, summed over every shard."""
-        return torch.tensor(self.query_sqnorms()[Method.parse(method).value], dtype=torch.float64)
-
     def _query_vectors(self) -> dict:
-        marker = self.run.piece_done(queries_rel(self.shard))
-        token = marker["sha256"] if marker else None
-        if self._queries_cache is None or self._queries_cache[0] != token:
-            self._queries_cache = (token, read_query_vectors(self.run, self.shard))
-        return self._queries_cache[1]
+        """This shard's stored projected (or exact-index) query vectors (modes index and fused)."""
+        return self._stored_queries(read_query_vectors)
 
     def _partial_scores(self, methods: Sequence[str], scan) -> tuple[dict, torch.Tensor]:
         """This shard's partial scores of one partition's rows, fed stage by stage by ``scan``.
