@@ -143,7 +143,9 @@ def log(msg: str) -> None:
 class Bench:
     """One world's models, examples, exact gradients and truth, and the fitted factors."""
 
-    def __init__(self, world_seed: int, workdir: str, **spec):
+    def __init__(self, world_seed: int, workdir: str, dtype: torch.dtype = torch.float64, **spec):
+        """``spec``: WorldSpec fields replacing the demo world's; ``dtype``: how the corpus gradients are
+        held (float64; the defaults sweep holds float32 to halve the wide worlds' memory)."""
         t0 = time.perf_counter()
         self.world = build_world(dataclasses.replace(DEMO_SPEC, seed=world_seed, **spec), workdir, log=log)
         w = self.world
@@ -162,7 +164,7 @@ class Bench:
         for stage, model in (("pretrained", self.pt), ("finetuned", self.ft)):
             g = attribution.document_gradients(model, self.docs, self.specs, None, MAX_TOKENS)
             assert len(g.keys) == len(self.docs), "a corpus document was skipped"
-            self.doc_flat[stage] = flatten({n: t.to(torch.float64) for n, t in g.grads.items()}, self.names)
+            self.doc_flat[stage] = flatten({n: t.to(dtype) for n, t in g.grads.items()}, self.names)
             del g
         # per-module views into the flat rows (one copy of the corpus gradients in memory)
         self.doc_grads = {s: self._module_views(flat) for s, flat in self.doc_flat.items()}
@@ -196,17 +198,18 @@ class Bench:
                 "memorisation": s["memorisation"], "qa_heldout": s["qa_heldout"],
                 "tracked_modules": len(self.names), "gradient_width": int(self.doc_flat["pretrained"].shape[1])}
 
-    def factors(self, seed: int, samples: int, pt_docs: int) -> tuple[dict, dict]:
+    def factors(self, seed: int, samples: int, pt_docs: int, fisher: Fisher = Fisher.TRUE) -> tuple[dict, dict]:
         """(H_ft, H_pt) factors with 'auto' damping; H_pt on a seeded sample of ``pt_docs`` documents,
-        drawn as the driver draws it (``Job._shares``)."""
-        key = (seed, samples, min(pt_docs, len(self.docs)))
+        drawn as the driver draws it (``Job._shares``). ``samples`` is ignored by the empirical Fisher."""
+        samples = samples if fisher is Fisher.TRUE else 1
+        key = (seed, samples, min(pt_docs, len(self.docs)), fisher)
         if key not in self._factors:
             t0 = time.perf_counter()
             rng = random.Random(f"{seed}:pretrained")
             rows = sorted(rng.sample(range(len(self.docs)), key[2]))
-            fpt = attribution.fit_factors(self.pt, [self.docs[i] for i in rows], self.specs, Fisher.TRUE,
+            fpt = attribution.fit_factors(self.pt, [self.docs[i] for i in rows], self.specs, fisher,
                                           samples, seed, "auto", MAX_TOKENS)
-            fft = attribution.fit_factors(self.ft, self.ft_examples, self.specs, Fisher.TRUE, samples, seed, "auto",
+            fft = attribution.fit_factors(self.ft, self.ft_examples, self.specs, fisher, samples, seed, "auto",
                                           MAX_TOKENS)
             self._factors[key] = (fft, fpt)
             self.seconds["fit"] += time.perf_counter() - t0
@@ -388,20 +391,6 @@ def render_lowrank(res: dict) -> str:
     return "\n".join(L)
 
 
-def write_lowrank_doc(path: str, section: str) -> None:
-    p = Path(path)
-    start, end = LOWRANK_MARKS
-    text = p.read_text() if p.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## Exact pass against low-rank queries (`jobs/bench_quality.py --sections lowrank`)\n\n" \
-            + section + "\n"
-    p.write_text(text)
-
-
 def main_lowrank(args) -> int:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -422,7 +411,8 @@ def main_lowrank(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     if args.doc:
-        write_lowrank_doc(args.doc, render_lowrank(res))
+        write_doc_section(args.doc, render_lowrank(res), LOWRANK_MARKS,
+                          "## Exact pass against low-rank queries (`jobs/bench_quality.py --sections lowrank`)")
     return 0
 
 
@@ -704,15 +694,18 @@ def render(res: dict) -> str:
     return "\n".join(L)
 
 
-def write_doc(path: str, section: str) -> None:
+def write_doc_section(path: str, section: str, marks: tuple[str, str], title: str = "") -> None:
+    """Replaces the part of the markdown file ``path`` from ``marks[0]`` to ``marks[1]`` with ``section``
+    (which starts and ends with those marks); appends it, under ``title``, when the file has none."""
     p = Path(path)
+    start, end = marks
     text = p.read_text() if p.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + section + tail
     else:
-        text = text.rstrip("\n") + "\n\n## Attribution quality (`jobs/bench_quality.py`)\n\n" + section + "\n"
+        text = text.rstrip("\n") + f"\n\n{title}\n\n{section}\n"
     p.write_text(text)
 
 
@@ -802,7 +795,8 @@ def main(args) -> int:
         Path(args.out).write_text(json.dumps(res, indent=1, default=str))
         log(f"wrote {args.out}")
     if args.doc:
-        write_doc(args.doc, render(res))
+        write_doc_section(args.doc, render(res), (MARK_START, MARK_END),
+                          "## Attribution quality (`jobs/bench_quality.py`)")
         log(f"wrote the bench_quality section of {args.doc}")
     return 0
 

@@ -47,6 +47,27 @@ def word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     )
 
 
+def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (GPT-2 style: a space is part of the next token).
+
+    Token ids: ``<pad>`` 0, ``<unk>`` 1, ``<eos>`` 2, the 256 byte symbols, then up to
+    ``vocab_size - 259`` merges learned from the texts in the order given, so the same texts
+    always give the same vocabulary. Rare words (the world's made-up names) come out as
+    several tokens, frequent ones as one.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", bos_token="<eos>"
+    )
+
+
 def _gpt_neox(vocab: int, hidden: int, layers: int, heads: int, positions: int) -> PreTrainedModel:
     cfg = GPTNeoXConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

@@ -59,6 +59,10 @@ from typing import Any, Iterable, Mapping, Sequence
 GENERATOR_VERSION = 1
 """Bumped whenever generation or training changes, so cached worlds are rebuilt."""
 
+TOKENIZERS = ("word", "bpe")
+LATER_FIELDS = {"tokenizer": "word", "bpe_vocab": 512}
+"""WorldSpec fields added after GENERATOR_VERSION 1, with the defaults that leave a world as it was."""
+
 
 def _f(default: Any, help: str):
     return field(default=default, metadata={"help": help})
@@ -157,6 +161,9 @@ class WorldSpec:
     finetune_lr: float = _f(1e-3, "peak learning rate of fine-tuning")
     batch_size: int = _f(32, "sequences per step")
     max_length: int = _f(32, "tokens per document / QA pair (the world's texts are shorter)")
+    tokenizer: str = _f("word", "'word': one token per word (every value one token); 'bpe': a byte-level BPE "
+                                "trained on the world's texts (names and most values split into pieces)")
+    bpe_vocab: int = _f(512, "vocabulary of the 'bpe' tokenizer (256 bytes, 3 specials, the rest merges)")
 
     def __post_init__(self):
         unknown = [r for r in self.relations if r not in RELATIONS]
@@ -169,6 +176,8 @@ class WorldSpec:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         if self.n_entities < 2:
             raise ValueError(f"n_entities must be at least 2, got {self.n_entities!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -179,8 +188,13 @@ class WorldSpec:
 
     @property
     def key(self) -> str:
-        """A short hash of the spec and :data:`GENERATOR_VERSION`."""
-        blob = json.dumps({"v": GENERATOR_VERSION, **self.to_dict()}, sort_keys=True)
+        """A short hash of the spec and :data:`GENERATOR_VERSION`.
+
+        Fields added after version 1 enter the hash only when they differ from their
+        default (:data:`LATER_FIELDS`), so worlds cached before they existed keep their key.
+        """
+        fields = {k: v for k, v in self.to_dict().items() if LATER_FIELDS.get(k, object()) != v}
+        blob = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -226,6 +240,36 @@ class WorldData:
         """Every text the tokenizer will see."""
         return ([d["text"] for d in self.corpus] + [r["prompt"] + r["completion"] for r in self.finetune]
                 + [q["prompt"] + q["completion"] for q in self.queries])
+
+
+@dataclass(frozen=True)
+class FamilyWorld:
+    """A member of :data:`WORLD_FAMILY`: a spec, what it varies, and whether defaults may be chosen on it."""
+
+    name: str
+    spec: WorldSpec
+    varies: str
+    held_out: bool = False
+
+
+WORLD_FAMILY: tuple[FamilyWorld, ...] = (
+    FamilyWorld("demo", WorldSpec(), "the demo world: word tokens, width 32, 2 blocks, fine-tuning 100 steps at 1e-3"),
+    FamilyWorld("seed", WorldSpec(seed=1), "other names, facts and documents"),
+    FamilyWorld("bpe", WorldSpec(seed=2, tokenizer="bpe"), "a byte-level BPE trained on the corpus"),
+    FamilyWorld("ft-long", WorldSpec(seed=3, finetune_steps=300, finetune_lr=2e-3), "fine-tuning 300 steps at 2e-3"),
+    FamilyWorld("ft-short", WorldSpec(seed=4, finetune_steps=40, finetune_lr=5e-4), "fine-tuning 40 steps at 5e-4"),
+    FamilyWorld("distractors", WorldSpec(seed=5, n_distractors=400, hard_distractor_fraction=0.9),
+                "twice the distractors, 90% of them naming a wrong value of the relation"),
+    FamilyWorld("wide", WorldSpec(seed=6, hidden=128, layers=4), "width 128, 4 blocks, MLP 512"),
+    FamilyWorld("wide-bpe", WorldSpec(seed=7, hidden=128, layers=4, tokenizer="bpe", finetune_steps=200),
+                "width 128, 4 blocks, BPE, fine-tuning 200 steps", held_out=True),
+    FamilyWorld("mid-distractors", WorldSpec(seed=8, hidden=64, layers=3, n_distractors=400,
+                                             hard_distractor_fraction=0.8, finetune_steps=200, finetune_lr=1.5e-3),
+                "width 64, 3 blocks, 400 distractors (80% hard), fine-tuning 200 steps at 1.5e-3", held_out=True),
+)
+"""The worlds ``jobs/bench_defaults.py`` chooses the config defaults on, and the held-out
+ones (``held_out=True``) it only reports. Each varies the demo world along one axis
+(tuning worlds) or several at once (held-out worlds)."""
 
 
 # ------------------------------------------------------------------------- generation
@@ -375,30 +419,38 @@ def train_lm(model, examples, steps: int, lr: float, batch_size: int, seed: int,
     return [round(sum(losses[i:i + tenth]) / len(losses[i:i + tenth]), 4) for i in range(0, steps, tenth)]
 
 
-def next_token_probs(model, tokenizer, prompts: Sequence[str], batch_size: int = 256):
-    """``[N, V]`` next-token distributions after each prompt (right-padded batches, last real position)."""
+def completion_probs(model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
+                     batch_size: int = 256) -> tuple[list[bool], list[float]]:
+    """Whether ``model`` completes each prompt greedily with its completion, and the completion's probability.
+
+    Prompt and completion are tokenized apart and concatenated (as
+    :func:`ray_influence.tokens.tokenize_prompt_completion` does); a completion is a greedy
+    hit when every one of its tokens is the argmax after the tokens before it (teacher
+    forcing), and its probability is the product of its tokens' probabilities. With a
+    word-level tokenizer a completion is one token and this is next-token accuracy.
+    """
     import torch
 
-    out = []
+    hits: list[bool] = []
+    probs: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        ids = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.zeros((len(ids), width), dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, :len(x)] = torch.tensor(x)
-            mask[row, :len(x)] = 1
+        pairs = [(tokenizer(p)["input_ids"], tokenizer(c, add_special_tokens=False)["input_ids"])
+                 for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
+        width = max(len(a) + len(b) for a, b in pairs)
+        input_ids = torch.zeros((len(pairs), width), dtype=torch.long)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for row, (a, b) in enumerate(pairs):
+            input_ids[row, :len(a) + len(b)] = torch.tensor(a + b)
+            mask[row, :len(a) + len(b)] = 1
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-        last = torch.tensor([len(x) - 1 for x in ids])
-        out.append(logits[torch.arange(len(ids)), last].float().softmax(-1))
-    return torch.cat(out)
-
-
-def _value_id(tokenizer, value: str) -> int:
-    ids = tokenizer(f" {value}", add_special_tokens=False)["input_ids"]
-    assert len(ids) == 1, (value, ids)
-    return ids[0]
+            logp = model(input_ids=input_ids, attention_mask=mask).logits.double().log_softmax(-1)
+        for row, (a, b) in enumerate(pairs):
+            pos = torch.arange(len(a) - 1, len(a) + len(b) - 1)
+            target = torch.tensor(b)
+            step = logp[row, pos]
+            hits.append(bool((step.argmax(-1) == target).all()))
+            probs.append(float(step.gather(1, target[:, None]).sum().exp()))
+    return hits, probs
 
 
 def memorisation_probes(data: WorldData) -> list[tuple[Fact, str]]:
@@ -414,7 +466,7 @@ def memorisation_probes(data: WorldData) -> list[tuple[Fact, str]]:
 
 
 def accuracies(data: WorldData, pt, ft, tokenizer) -> dict:
-    """Greedy next-token accuracies of the world's two models.
+    """Greedy accuracies of the world's two models (:func:`completion_probs`: every token of the value).
 
     - ``memorisation``: the pre-trained model completes a fact's statement (its text up to
       the value) with the value, over every statement; ``memorisation_heldout``: over the
@@ -425,10 +477,8 @@ def accuracies(data: WorldData, pt, ft, tokenizer) -> dict:
     - ``qa_heldout_pretrained``: the pre-trained model on the queries (before fine-tuning).
     """
     def score(model, prompts: list[str], answers: list[str]) -> tuple[list[bool], float]:
-        probs = next_token_probs(model, tokenizer, prompts)
-        target = [_value_id(tokenizer, a) for a in answers]
-        hits = [int(probs[i].argmax()) == t for i, t in enumerate(target)]
-        return hits, float(sum(probs[i, t] for i, t in enumerate(target)) / len(target))
+        hits, probs = completion_probs(model, tokenizer, prompts, [f" {a}" for a in answers])
+        return hits, sum(probs) / len(probs)
 
     probes = memorisation_probes(data)
     mem, mem_p = score(pt, [p for _, p in probes], [f.value for f, _ in probes])
@@ -447,6 +497,15 @@ def accuracies(data: WorldData, pt, ft, tokenizer) -> dict:
         "qa_heldout_pretrained": sum(before) / len(before),
         "answered": [q["query_id"] for q, ok in zip(data.queries, qa) if ok],
     }
+
+
+def finetune_distance(pt, ft) -> float:
+    """How far fine-tuning moved the model: ``‖θ_ft − θ_pt‖ / ‖θ_pt‖`` over every parameter."""
+    import torch
+
+    a = torch.cat([p.detach().double().flatten() for p in pt.parameters()])
+    b = torch.cat([p.detach().double().flatten() for p in ft.parameters()])
+    return float((b - a).norm() / a.norm())
 
 
 # ------------------------------------------------------------------------ on disk
@@ -516,9 +575,9 @@ def _train_models(spec: WorldSpec, data: WorldData, log) -> tuple[Any, Any, Any,
     import torch
 
     from .tokens import tokenize_document, tokenize_prompt_completion
-    from .toy import tiny_model, word_tokenizer
+    from .toy import bpe_tokenizer, tiny_model, word_tokenizer
 
-    tok = word_tokenizer(data.texts)
+    tok = word_tokenizer(data.texts) if spec.tokenizer == "word" else bpe_tokenizer(data.texts, spec.bpe_vocab)
     docs = [tokenize_document(tok, d["doc_id"], d["text"], spec.max_length) for d in data.corpus]
     qa = [tokenize_prompt_completion(tok, f"ft{i}", r["prompt"], r["completion"], spec.max_length, add_eos=True)
           for i, r in enumerate(data.finetune)]
@@ -588,6 +647,7 @@ def build_world(spec: WorldSpec, cache_dir: str | os.PathLike, log=print) -> Wor
         # Accuracies of the saved models, loaded back the way the job loads them.
         pt, ft = load_model(str(tmp / "models" / "pt")), load_model(str(tmp / "models" / "ft"))
         acc = accuracies(data, pt, ft, load_tokenizer(str(tmp / "models" / "pt")))
+        acc["finetune_distance"] = round(finetune_distance(pt, ft), 6)
         stats = {
             "key": spec.key, "generator_version": GENERATOR_VERSION,
             "docs": len(data.corpus), "fact_docs": sum(len(f.doc_ids) for f in data.facts),
@@ -603,7 +663,8 @@ def build_world(spec: WorldSpec, cache_dir: str | os.PathLike, log=print) -> Wor
         shutil.rmtree(tmp, ignore_errors=True)
         if bars:
             hf_logging.enable_progress_bar()
-    log(f"world: memorisation {acc['memorisation']:.1%}, held-out QA {acc['qa_heldout']:.1%} "
+    log(f"world: memorisation {acc['memorisation']:.1%}, held-out QA {acc['qa_heldout']:.1%}, "
+        f"fine-tuning moved θ by {acc['finetune_distance']:.1%} "
         f"(pre-training {info['pretrain_seconds']:.0f}s, fine-tuning {info['finetune_seconds']:.0f}s) -> {root}")
     return World(spec, root, data, stats)
 
@@ -612,10 +673,8 @@ def build_world(spec: WorldSpec, cache_dir: str | os.PathLike, log=print) -> Wor
 
 
 JOB_DEFAULTS: dict = {
-    # The default scoring mode (exact gradients against rank-16 query factors, no index):
-    # the Gaussian projection's noise swamps the doubly preconditioned multi-stage query
-    # vector at small k (demo world, multi-stage recall@10: 0.67 exact, 0.09 at dim 32).
-    "ekfac": {"fisher": True, "fisher_samples": 4, "covariance_max_docs": 10000, "damping": "auto", "seed": 0},
+    # Everything else (scoring mode, EK-FAC Fisher and damping) at the config defaults, which
+    # docs/BENCHMARKS.md chose on the default exact pass over WORLD_FAMILY.
     "scoring": {"methods": ["multi_stage", "single_stage", "grad_dot", "grad_cos"], "top_k": 50},
     "cluster": {"replicas": 2, "num_cpus_per_worker": 1},
 }

@@ -10,7 +10,7 @@ import pytest
 
 from ray_influence import world as W
 from ray_influence.config import config_from_dict
-from ray_influence.toy import word_tokenizer
+from ray_influence.toy import bpe_tokenizer, word_tokenizer
 from ray_influence.world import WorldSpec, attribution_metrics, generate, random_baseline, words
 
 SPEC = WorldSpec()  # the demo world's sizes: generation alone takes milliseconds
@@ -220,3 +220,64 @@ def test_job_config_is_valid(tmp_path):
     assert cfg.corpus.partition_docs * 4 >= len(w.data.corpus)
     cfg = config_from_dict(W.job_config(w, tmp_path / "r", projection={"dim": 16, "seed": 1}))
     assert cfg.projection.dim == 16 and cfg.run_dir == str(tmp_path / "r")
+
+
+# ---------------------------------------------------------------------- the family
+
+
+def test_bpe_tokenizer_is_deterministic_and_splits_rare_words():
+    d = generate(SPEC)
+    a, b = bpe_tokenizer(d.texts), bpe_tokenizer(d.texts)
+    assert a.get_vocab() == b.get_vocab() and len(a) == 512
+    assert [a.convert_ids_to_tokens(i) for i in range(3)] == ["<pad>", "<unk>", "<eos>"]
+    pieces = [len(a(f" {f.entity}", add_special_tokens=False)["input_ids"]) for f in d.facts]
+    assert max(pieces) >= 3  # made-up names come out in pieces
+    assert len(a(" the", add_special_tokens=False)["input_ids"]) == 1  # frequent words in one
+    for t in d.texts:  # byte-level: lossless, and the texts fit the world's max_length
+        ids = a(t, add_special_tokens=False)["input_ids"]
+        assert a.decode(ids) == t and len(ids) < SPEC.max_length
+
+
+def test_later_fields_keep_old_keys():
+    assert WorldSpec(tokenizer="word", bpe_vocab=512).key == WorldSpec().key
+    assert WorldSpec(tokenizer="bpe").key != WorldSpec().key
+    assert WorldSpec(tokenizer="bpe", bpe_vocab=600).key != WorldSpec(tokenizer="bpe").key
+    with pytest.raises(ValueError, match="tokenizer"):
+        WorldSpec(tokenizer="sentencepiece")
+
+
+def test_world_family():
+    names = [w.name for w in W.WORLD_FAMILY]
+    assert len(set(names)) == len(names) and len({w.spec.key for w in W.WORLD_FAMILY}) == len(names)
+    held = [w for w in W.WORLD_FAMILY if w.held_out]
+    assert len(held) >= 2 and len(held) < len(names) - 3
+    assert any(w.spec.hidden >= 128 and w.spec.layers >= 4 for w in W.WORLD_FAMILY if not w.held_out)
+    assert {w.spec.tokenizer for w in W.WORLD_FAMILY if not w.held_out} == {"word", "bpe"}
+    assert W.WORLD_FAMILY[0].spec == WorldSpec()  # the demo world
+    for w in W.WORLD_FAMILY:
+        d = generate(w.spec)
+        assert len(d.queries) > 0 and len(d.corpus) > w.spec.n_distractors
+
+
+def test_bpe_world_builds_and_completion_probs_teacher_force(tmp_path):
+    import torch
+
+    w = W.build_world(dataclasses.replace(TINY, tokenizer="bpe", bpe_vocab=300), tmp_path, log=lambda msg: None)
+    assert 0 < w.stats["finetune_distance"] < 1
+    from ray_influence.models import load_model, load_tokenizer
+
+    model, tok = load_model(str(w.finetuned_model)), load_tokenizer(str(w.finetuned_model))
+    prompt, completion = w.data.queries[0]["prompt"], " " + w.data.facts[0].entity
+    hits, probs = W.completion_probs(model, tok, [prompt, prompt], [completion, completion])
+    ids, target = tok(prompt)["input_ids"], tok(completion, add_special_tokens=False)["input_ids"]
+    assert len(target) >= 2
+    p, greedy = 1.0, True
+    for t in target:  # one forward per token, on the growing prefix
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        p *= float(logits.softmax(-1)[t])
+        greedy &= int(logits.argmax()) == t
+        ids = ids + [t]
+    assert hits == [greedy, greedy]
+    # float32 model: each token's probability carries ~1e-6 relative error from its logits
+    assert probs[0] == pytest.approx(p, rel=1e-5) and probs[1] == probs[0]
