@@ -66,19 +66,28 @@ class ModulesConfig:
 DEFAULT_QUERY_RANK = 16
 """Rank of the query factors in ``scoring.mode: exact`` (docs/BENCHMARKS.md, exact scoring)."""
 
-DEFAULT_DAMPING = "auto*10"
-"""Each stage's damping unless the config says otherwise: mean(Λ) per module, ten times
-kronfluence's 'auto'. Chosen from the damping grid of docs/BENCHMARKS.md (attribution quality)."""
+DEFAULT_DAMPING = "auto*0.1"
+"""Each stage's damping unless the config says otherwise: 0.01 x mean(Λ) per module. Chosen,
+with :data:`DEFAULT_FISHER`, on the default exact pass over the tuning worlds of
+``ray_influence.world.WORLD_FAMILY`` by the best worst case against each world's own best
+(docs/BENCHMARKS.md, "Defaults chosen on the exact path"; ``jobs/bench_defaults.py``)."""
+
+DEFAULT_FISHER = "empirical"
+"""The Fisher of both stages' EK-FAC unless the config says otherwise (see :data:`DEFAULT_DAMPING`):
+the empirical Fisher beat the true one (1 or 4 label samples) on 8 of 9 worlds there."""
 
 
 @dataclass(frozen=True)
 class EkfacConfig:
-    fisher: Union[bool, str] = _f(True, "true: labels sampled from the model (true Fisher); 'empirical': the data's labels")
-    fisher_samples: int = _f(4, "labels sampled per position for the true Fisher (4: docs/BENCHMARKS.md, attribution quality)")
+    fisher: Union[bool, str] = _f(DEFAULT_FISHER, "'empirical' (the default: the data's labels; docs/BENCHMARKS.md, "
+                                                  "defaults chosen on the exact path) or true (labels sampled from "
+                                                  "the model: the true Fisher)")
+    fisher_samples: int = _f(4, "labels sampled per position when fisher is true (ignored by 'empirical')")
     covariance_max_docs: int = _f(10000, "documents (a seeded sample) behind the pre-training factors; also caps the fine-tuning set")
     damping: Union[str, float, dict] = _f(DEFAULT_DAMPING, "'auto' (0.1 x mean Λ per module), 'auto*C' (C x that; the default "
-                                                      "'auto*10' is mean Λ: docs/BENCHMARKS.md, attribution quality), "
-                                                      "a float, or {pretrained: .., finetuned: ..} of those")
+                                                      "'auto*0.1' is 0.01 x mean Λ: docs/BENCHMARKS.md, defaults chosen "
+                                                      "on the exact path), a float, or {pretrained: .., finetuned: ..} "
+                                                      "of those")
     seed: int = _f(0, "seed of the covariance sample and of label sampling")
 
     def damping_for(self, stage: str) -> Union[str, float]:

@@ -10,8 +10,8 @@ results are.
 
 Job settings (:data:`ray_influence.world.JOB_DEFAULTS`): the default scoring mode (each
 document's exact gradient against rank-16 factors of the preconditioned queries, no
-index), the true Fisher with 4 label samples, ``damping: auto`` for both stages, all four
-methods, top 50, 2 worker replicas of 1 CPU over 4 corpus partitions.
+index) and the EK-FAC defaults of the config (chosen over ``WORLD_FAMILY``, docs/BENCHMARKS.md),
+all four methods, top 50, 2 worker replicas of 1 CPU over 4 corpus partitions.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ def test_defaults_follow_the_design():
     assert cfg.corpus.text_column == "text" and cfg.corpus.id_column == "doc_id"
     assert cfg.corpus.max_length == 512 and cfg.corpus.partition_docs == 10000
     assert cfg.modules.exclude == ["lm_head", "*embed*"]
-    # damping and fisher_samples: chosen by jobs/bench_quality.py (docs/BENCHMARKS.md)
-    assert cfg.ekfac.fisher is True and cfg.ekfac.damping == "auto*10" and cfg.ekfac.fisher_samples == 4
+    # fisher and damping: chosen by jobs/bench_defaults.py (docs/BENCHMARKS.md)
+    assert cfg.ekfac.fisher == "empirical" and cfg.ekfac.damping == "auto*0.1" and cfg.ekfac.fisher_samples == 4
     assert cfg.projection.dim == 32 and cfg.scoring.methods == ["multi_stage"] and cfg.scoring.top_k == 100
     assert cfg.cluster.replicas == 2 and cfg.cluster.shards == 1
 
@@ -72,7 +72,7 @@ def test_missing_required_key():
 
 def test_damping_per_stage():
     cfg = config_from_dict(cfg_with("ekfac.damping", {"pretrained": 0.5}))
-    assert cfg.ekfac.damping_for("pretrained") == 0.5 and cfg.ekfac.damping_for("finetuned") == "auto*10"
+    assert cfg.ekfac.damping_for("pretrained") == 0.5 and cfg.ekfac.damping_for("finetuned") == "auto*0.1"
     assert config_from_dict(cfg_with("ekfac.damping", 1e-3)).ekfac.damping_for("finetuned") == 1e-3
     cfg = config_from_dict(cfg_with("ekfac.damping", {"pretrained": "auto*10", "finetuned": "auto * 0.5"}))
     assert cfg.ekfac.damping_for("pretrained") == "auto*10" and cfg.ekfac.damping_for("finetuned") == "auto * 0.5"

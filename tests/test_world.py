@@ -9,7 +9,7 @@ import random
 import pytest
 
 from ray_influence import world as W
-from ray_influence.config import config_from_dict
+from ray_influence.config import EkfacConfig, ScoringConfig, config_from_dict
 from ray_influence.toy import bpe_tokenizer, word_tokenizer
 from ray_influence.world import WorldSpec, attribution_metrics, generate, random_baseline, words
 
@@ -218,6 +218,8 @@ def test_job_config_is_valid(tmp_path):
     assert cfg.run_dir == str(w.root / "run")
     assert [m.value for m in cfg.methods] == ["multi_stage", "single_stage", "grad_dot", "grad_cos"]
     assert cfg.corpus.partition_docs * 4 >= len(w.data.corpus)
+    assert cfg.ekfac == EkfacConfig()  # the demo runs the EK-FAC defaults
+    assert cfg.scoring.mode == ScoringConfig().mode and cfg.scoring.query_rank == ScoringConfig().query_rank
     cfg = config_from_dict(W.job_config(w, tmp_path / "r", projection={"dim": 16, "seed": 1}))
     assert cfg.projection.dim == 16 and cfg.run_dir == str(tmp_path / "r")
 
