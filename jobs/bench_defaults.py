@@ -187,6 +187,12 @@ def rank_check(bench: Bench, st: dict, seed: int, rank: int) -> dict:
     return out
 
 
+def open_bench(fw: FamilyWorld, workdir: str) -> Bench:
+    """The world's Bench (built or loaded from ``workdir``), corpus gradients held in float32."""
+    fields = {k: v for k, v in dataclasses.asdict(fw.spec).items() if k != "seed"}
+    return Bench(fw.spec.seed, workdir, dtype=torch.float32, **fields)
+
+
 def world_info(fw: FamilyWorld, bench: Bench) -> dict:
     s = bench.world.stats
     return {"name": fw.name, "varies": fw.varies, "held_out": fw.held_out, "key": fw.spec.key,
@@ -334,9 +340,8 @@ def main(args) -> int:
     benches_kept: dict = {}
     for name in args.worlds:
         fw = family[name]
-        fields = {k: v for k, v in dataclasses.asdict(fw.spec).items() if k != "seed"}
         log(f"world {name} ({fw.varies}{', held out' if fw.held_out else ''})")
-        bench = Bench(fw.spec.seed, args.workdir, dtype=torch.float32, **fields)
+        bench = open_bench(fw, args.workdir)
         info = world_info(fw, bench)
         res["worlds"].append(info)
         log(f"  {info}")
@@ -399,9 +404,7 @@ def main(args) -> int:
         n = w["name"]
         bench = benches_kept.get(n)
         if bench is None:
-            fw = family[n]
-            fields = {k: v for k, v in dataclasses.asdict(fw.spec).items() if k != "seed"}
-            bench = Bench(fw.spec.seed, args.workdir, dtype=torch.float32, **fields)
+            bench = open_bench(family[n], args.workdir)
         res["rank_check"][n] = rank_check(bench, chosen, args.seeds[0], args.rank)
         benches_kept[n] = None
         del bench
