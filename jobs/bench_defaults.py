@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -72,12 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default="runs/bench_quality", help="where worlds are built and cached")
     p.add_argument("--worlds", nargs="+", default=[w.name for w in WORLD_FAMILY], help="WORLD_FAMILY names")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="EK-FAC seeds")
-    p.add_argument("--dampings", nargs="+", default=["auto*0.01", "auto*0.1", "auto", "auto*10", "auto*100"],
+    p.add_argument("--dampings", nargs="+", default=["auto*0.001", "auto*0.01", "auto*0.1", "auto", "auto*10",
+                                                     "auto*100"],
                    help="each stage's damping grid ('auto*C' or a float)")
     p.add_argument("--fishers", nargs="+", default=["true:1", "true:4", "empirical"],
                    help="Fisher settings: 'true:<fisher_samples>' or 'empirical'")
     p.add_argument("--pt-docs", type=int, nargs="+", default=[ALL_DOCS, 150],
-                   help="documents behind H_pt (a seeded sample); the first is the one the choice uses")
+                   help="documents behind H_pt (a seeded sample), reported at the chosen setting; the choice "
+                        "uses every document")
     p.add_argument("--tie", type=float, default=0.01, help="worst-case ratios this close to the best are tied")
     p.add_argument("--rank", type=int, default=DEFAULT_QUERY_RANK, help="query rank of the check at the chosen setting")
     p.add_argument("--render", default=None, metavar="JSON", help="only re-render --doc from an earlier --out")
@@ -110,29 +113,103 @@ def score(bench: Bench, u: dict, stage: str) -> torch.Tensor:
 
 
 def sweep_world(bench: Bench, args) -> dict:
-    """``{"multi": {cell: [per-seed mrr]}, "single": {...}}`` with cells ``fisher|pt_docs|λ_ft|λ_pt``
-    (multi) and ``fisher|pt_docs|λ_ft`` (single)."""
+    """``{"multi": {cell: [per-seed mrr]}, "single": {...}}`` with cells ``fisher|all|λ_ft|λ_pt``
+    (multi) and ``fisher|λ_ft`` (single), H_pt on every document.
+
+    The empirical Fisher on every document draws nothing from the seed (no label sampling,
+    no H_pt sample), so its factors, and its cells, are the same for every seed: it runs
+    once (one entry per cell, sd 0). The H_pt sample sizes run at the chosen setting only
+    (:func:`hpt_check`).
+    """
     multi: dict = {}
     single: dict = {}
-    for seed in args.seeds:
+    for i, seed in enumerate(args.seeds):
         t0 = time.perf_counter()
         for fname in args.fishers:
             fisher, samples = parse_fisher(fname)
-            for n_pt in args.pt_docs:
-                fft0, fpt0 = bench.factors(seed, samples, n_pt, fisher)
-                pt_name = "all" if n_pt >= len(bench.docs) else str(n_pt)
-                fpts = {b: with_damping(fpt0, damping_value(b)) for b in args.dampings}
-                for a in args.dampings:
-                    fft = with_damping(fft0, damping_value(a))
-                    uf = {n: ihvp(t, fft[n]) for n, t in bench.q_grads.items()}
-                    if n_pt == args.pt_docs[0]:  # single_stage does not use H_pt
-                        single.setdefault(f"{fname}|{a}", []).append(mrr(bench, score(bench, uf, "finetuned")))
-                    for b in args.dampings:
-                        u = {n: ihvp(t, fpts[b][n]) for n, t in uf.items()}
-                        multi.setdefault(f"{fname}|{pt_name}|{a}|{b}", []).append(
-                            mrr(bench, score(bench, u, "pretrained")))
+            if i > 0 and fisher is Fisher.EMPIRICAL:
+                continue  # the same factors as the first seed's
+            fft0, fpt0 = bench.factors(seed, samples, ALL_DOCS, fisher)
+            fpts = {b: with_damping(fpt0, damping_value(b)) for b in args.dampings}
+            for a in args.dampings:
+                fft = with_damping(fft0, damping_value(a))
+                uf = {n: ihvp(t, fft[n]) for n, t in bench.q_grads.items()}
+                single.setdefault(f"{fname}|{a}", []).append(mrr(bench, score(bench, uf, "finetuned")))
+                for b in args.dampings:
+                    u = {n: ihvp(t, fpts[b][n]) for n, t in uf.items()}
+                    multi.setdefault(f"{fname}|all|{a}|{b}", []).append(mrr(bench, score(bench, u, "pretrained")))
         log(f"  seed {seed}: {time.perf_counter() - t0:.0f}s ({bench.seconds['fit']:.0f}s fitting so far)")
     return {"multi": multi, "single": single}
+
+
+def hpt_check(bench: Bench, st: dict, sweep: dict, args) -> dict:
+    """multi_stage answered MRR at the dampings of ``st`` for every Fisher x H_pt sample size
+    (``--pt-docs``), mean over seeds: ``{"<fisher>|<all or n>": mrr}``."""
+    out = {}
+    for fname in args.fishers:
+        fisher, samples = parse_fisher(fname)
+        for n_pt in args.pt_docs:
+            col = f"{fname}|{'all' if n_pt >= ALL_DOCS else n_pt}"
+            if n_pt >= len(bench.docs):
+                out[col] = mean_of(sweep["multi"][f"{fname}|all|{st['damping_ft']}|{st['damping_pt']}"])
+                continue
+            cells = []
+            for seed in args.seeds:
+                fft0, fpt0 = bench.factors(seed, samples, n_pt, fisher)
+                fft = with_damping(fft0, damping_value(st["damping_ft"]))
+                fpt = with_damping(fpt0, damping_value(st["damping_pt"]))
+                u = {n: ihvp(ihvp(t, fft[n]), fpt[n]) for n, t in bench.q_grads.items()}
+                cells.append(mrr(bench, score(bench, u, "pretrained")))
+            out[col] = mean_of(cells)
+    return out
+
+
+def spectrum(bench: Bench, seed: int) -> dict:
+    """Measurable quantities a damping rule could scale with, from the empirical-Fisher factors:
+    per stage, the mean over modules of median(Λ) / mean(Λ) (how heavy Λ's top is against
+    the mean that ``auto`` scales) and of the share of ΣΛ in its top 1% of entries; the
+    fine-tuning and pre-training tokens."""
+    fft, fpt = bench.factors(seed, 1, ALL_DOCS, Fisher.EMPIRICAL)
+    out = {}
+    for stage, f in (("ft", fft), ("pt", fpt)):
+        med, top = [], []
+        for m in f.values():
+            lam = m.lam.flatten().to(torch.float64)
+            med.append(float(lam.median() / lam.mean()))
+            k = max(1, lam.numel() // 100)
+            top.append(float(lam.topk(k).values.sum() / lam.sum()))
+        out[f"lam_{stage}_median_over_mean"] = statistics.fmean(med)
+        out[f"lam_{stage}_top1pct_share"] = statistics.fmean(top)
+    out["ft_tokens"] = sum(len(e) for e in bench.ft_examples)
+    out["pt_tokens"] = sum(len(d) for d in bench.docs)
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(x), ranks(y)
+    if len(set(rx)) < 2 or len(set(ry)) < 2:
+        return float("nan")
+    return statistics.correlation(rx, ry)
+
+
+def multiplier(spec: str) -> float:
+    """``auto*C`` -> C, ``auto`` -> 1 (a float damping has no multiplier: nan)."""
+    if spec == "auto":
+        return 1.0
+    return float(spec.split("*")[1]) if spec.startswith("auto*") else float("nan")
 
 
 def mean_of(cells: list[dict], key: str = "answered") -> float:
@@ -202,6 +279,22 @@ def world_info(fw: FamilyWorld, bench: Bench) -> dict:
             "memorisation": s["memorisation"], "qa_heldout": s["qa_heldout"],
             "finetune_distance": s.get("finetune_distance", finetune_distance(bench.pt, bench.ft)),
             "finetune_steps": fw.spec.finetune_steps, "finetune_lr": fw.spec.finetune_lr}
+
+
+RULE_QUANTITIES = ("finetune_distance", "ft_tokens", "lam_ft_median_over_mean", "lam_ft_top1pct_share",
+                   "lam_pt_median_over_mean", "lam_pt_top1pct_share")
+
+
+def damping_rule(res: dict) -> dict:
+    """Whether each world's best multi_stage λ (as an ``auto`` multiplier) follows a measurable
+    quantity: Spearman over all worlds between log10 of the best multiplier and each of
+    :data:`RULE_QUANTITIES`, per stage."""
+    best = {w["name"]: res["per_world"][w["name"]]["multi_best"]["cell"].split("|") for w in res["worlds"]}
+    out = {"best": {n: {"ft": multiplier(b[2]), "pt": multiplier(b[3])} for n, b in best.items()}, "spearman": {}}
+    for stage in ("ft", "pt"):
+        y = [math.log10(out["best"][w["name"]][stage]) for w in res["worlds"]]
+        out["spearman"][stage] = {q: spearman([float(w[q]) for w in res["worlds"]], y) for q in RULE_QUANTITIES}
+    return out
 
 
 # -------------------------------------------------------------------------- markdown
@@ -309,13 +402,27 @@ def render(res: dict) -> str:
         c = res["rank_check"][n]
         lines.append(f"| {n} | {f3(c['multi_stage']['exact']['answered'])} | {f3(c['multi_stage'][r]['answered'])} | "
                      f"{f3(c['single_stage']['exact']['answered'])} | {f3(c['single_stage'][r]['answered'])} |")
-    lines += ["", "Best (λ_ft, λ_pt) of multi_stage per world beside its fine-tuning distance:", "",
-              "| world | fine-tuning distance | best λ_ft | best λ_pt | best Fisher |", "|---|---|---|---|---|"]
+    lines += ["", "**Does the best damping follow something measurable?** Best (λ_ft, λ_pt) of multi_stage per "
+              "world beside quantities a rule could scale with (Λ statistics from the empirical-Fisher factors, "
+              "mean over modules; *med/mean* = median(Λ) / mean(Λ), the mean being what `auto` scales; *top 1%* = "
+              "share of ΣΛ in the largest 1% of entries):", "",
+              "| world | fine-tuning distance | fine-tuning tokens | Λ_ft med/mean | Λ_ft top 1% | Λ_pt med/mean | "
+              "Λ_pt top 1% | best λ_ft | best λ_pt | best Fisher |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
-        b = res["per_world"][n]["multi_best"]["cell"].split("|")
-        lines.append(f"| {n} | {info[n]['finetune_distance']:.1%} | {b[2]} | {b[3]} | {b[0]} |")
-    lines += ["", "The empirical Fisher has no label sampling, so with every document behind H_pt its seeds give "
-              "identical factors (sd 0 above); the true Fisher's spread over seeds is in the JSON.", "", MARKS[1]]
+        b, w = res["per_world"][n]["multi_best"]["cell"].split("|"), info[n]
+        lines.append(f"| {n} | {w['finetune_distance']:.1%} | {w['ft_tokens']} | {w['lam_ft_median_over_mean']:.2e} | "
+                     f"{w['lam_ft_top1pct_share']:.2f} | {w['lam_pt_median_over_mean']:.2e} | "
+                     f"{w['lam_pt_top1pct_share']:.2f} | {b[2]} | {b[3]} | {b[0]} |")
+    sp = res["rule"]["spearman"]
+    lines += ["", "Spearman over the worlds between log10 of the best multiplier and each quantity (n = "
+              f"{len(names)} worlds; with ties on a grid of {len(res['args']['dampings'])} values, |ρ| below ~0.7 is "
+              "indistinguishable from none):", "",
+              "| best | " + " | ".join(RULE_QUANTITIES) + " |", "|---|" + "---|" * len(RULE_QUANTITIES)]
+    for stage in ("ft", "pt"):
+        lines.append(f"| λ_{stage} | " + " | ".join(f"{sp[stage][q]:+.2f}" for q in RULE_QUANTITIES) + " |")
+    lines += ["", "The empirical Fisher on every document draws nothing from the seed (no label sampling, no H_pt "
+              "sample), so it runs once per world (sd 0 above); the true Fisher's and the H_pt samples' spread "
+              "over seeds is in the JSON.", "", MARKS[1]]
     return "\n".join(lines)
 
 
@@ -346,6 +453,7 @@ def main(args) -> int:
         res["worlds"].append(info)
         log(f"  {info}")
         res["sweeps"][name] = sweep_world(bench, args)
+        info.update(spectrum(bench, args.seeds[0]))
         res["bm25"][name] = bm25_rows(bench)["bm25 (prompt + completion)"]["answered"]["mrr"]["mean"]
         res["random"][name] = random_row(bench)["answered"]["mrr"]["mean"]
         benches_kept[name] = bench  # for the rank check at the chosen setting
@@ -384,8 +492,6 @@ def main(args) -> int:
         p = res["per_world"][n]
         p["multi_loss"] = 1 - p["multi"]["mean"] / p["multi_best"]["mean"]
         p["single_loss"] = 1 - p["single"]["mean"] / p["single_best"]["mean"]
-        res["fisher_table"][n] = {c: mean_of(sw["multi"][f"{c}|{chosen['damping_ft']}|{chosen['damping_pt']}"])
-                                  for c in cols}
         log(f"  {n}: {json.dumps(p)}")
     res["groups"] = {}
     for group, held in (("tuning", False), ("held out", True)):
@@ -399,13 +505,16 @@ def main(args) -> int:
                 "previous_single": statistics.fmean(pw[n]["previous"]["single"] for n in ws),
                 "bm25": statistics.fmean(pw[n]["bm25"] for n in ws)}
 
-    log(f"the default pass (rank {args.rank}) at the chosen setting, seed {args.seeds[0]}")
+    res["rule"] = damping_rule(res)
+    log(f"damping rule: {json.dumps(res['rule'])}")
+    log(f"the default pass (rank {args.rank}) at the chosen setting, seed {args.seeds[0]}; H_pt sample sizes")
     for w in res["worlds"]:
         n = w["name"]
         bench = benches_kept.get(n)
         if bench is None:
             bench = open_bench(family[n], args.workdir)
         res["rank_check"][n] = rank_check(bench, chosen, args.seeds[0], args.rank)
+        res["fisher_table"][n] = hpt_check(bench, chosen, res["sweeps"][n], args)
         benches_kept[n] = None
         del bench
         log(f"  {n}: {json.dumps(res['rank_check'][n])}")

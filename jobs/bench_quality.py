@@ -202,7 +202,9 @@ class Bench:
         """(H_ft, H_pt) factors with 'auto' damping; H_pt on a seeded sample of ``pt_docs`` documents,
         drawn as the driver draws it (``Job._shares``). ``samples`` is ignored by the empirical Fisher."""
         samples = samples if fisher is Fisher.TRUE else 1
-        key = (seed, samples, min(pt_docs, len(self.docs)), fisher)
+        n_pt = min(pt_docs, len(self.docs))
+        # the seed draws the labels of the true Fisher and the H_pt sample: without either, one fit serves every seed
+        key = (seed if fisher is Fisher.TRUE or n_pt < len(self.docs) else None, samples, n_pt, fisher)
         if key not in self._factors:
             t0 = time.perf_counter()
             rng = random.Random(f"{seed}:pretrained")

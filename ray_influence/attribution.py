@@ -39,7 +39,6 @@ def run_batches(
     seed: int,
     max_tokens: int,
     on_batch=None,
-    sort_by_length: bool = True,
 ) -> tuple[list[str], torch.Tensor, list[str]]:
     """Feeds ``examples`` batch by batch through :func:`run_pass` into ``collector``.
 
@@ -57,8 +56,7 @@ def run_batches(
     kept: list[str] = []
     losses: list[torch.Tensor] = []
     skipped: list[str] = []
-    if sort_by_length:
-        examples = sorted(examples, key=len)
+    examples = sorted(examples, key=len)
     for group in batches(examples, max_tokens):
         batch = collate(group)
         loss = run_pass(model, batch, specs, collector, labels, seed, FISHER_LABEL_STREAM)

@@ -120,6 +120,8 @@ class ScoringConfig:
     query_rank: int = _f(DEFAULT_QUERY_RANK, "scoring.mode exact: rank of each module's truncated SVD of the "
                                              "preconditioned query (0 = full rank, exact); clipped to "
                                              "min(d_out, d_in') per module")
+    query_block: int = _f(0, "queries whose exact gradients and preconditioned vectors the query stage holds at "
+                             "once (per worker); 0 = as many as fit in 1 GiB (README, scoring modes: memory)")
 
     @property
     def scoring_mode(self) -> "ScoringMode":
@@ -262,6 +264,7 @@ def _validate(cfg: Config) -> None:
     _positive("projection.dim", cfg.projection.dim, allow_zero=True)
     _positive("scoring.token_influence_top", cfg.scoring.token_influence_top, allow_zero=True)
     _positive("scoring.query_rank", cfg.scoring.query_rank, allow_zero=True)
+    _positive("scoring.query_block", cfg.scoring.query_block, allow_zero=True)
     try:
         cfg.scoring.scoring_mode
     except ValueError as e:

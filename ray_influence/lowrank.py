@@ -38,6 +38,23 @@ QUERY_BLOCK_BYTES = 64 << 20
 queries are scored in blocks of that size, so memory does not grow with their number."""
 
 
+QUERY_STAGE_BYTES = 1 << 30
+"""Bytes of exact query gradients and preconditioned query vectors one worker of the query
+stage holds at once (``scoring.query_block: 0``): the queries run in blocks of that size."""
+
+
+def query_block_size(n_queries: int, n_params: int, n_methods: int, budget: int = QUERY_STAGE_BYTES) -> int:
+    """Queries per block of the query stage, so that one block's float64 arrays fit ``budget``.
+
+    A block of ``B`` queries holds its gradients ``[B, P]`` and, per method, the
+    preconditioned vectors ``[B, P]`` plus one intermediate of the same size while they are
+    formed: ``B · P · 8 · (n_methods + 2)`` bytes for the ``P = n_params`` tracked weights of
+    one worker. At least 1, at most ``n_queries``.
+    """
+    per_query = max(1, n_params) * 8 * (n_methods + 2)
+    return max(1, min(n_queries, budget // per_query))
+
+
 @dataclass(frozen=True)
 class QueryFactors:
     """One module's rank-``r`` query factors for ``Q`` query vectors (float64).
@@ -86,6 +103,11 @@ def truncate(u: torch.Tensor, rank: int) -> QueryFactors:
 def dense(f: QueryFactors) -> torch.Tensor:
     """``u_r = L Rᵀ``: ``[Q, d_out, d_in']`` float64."""
     return torch.bmm(f.left, f.right.transpose(1, 2))
+
+
+def concat(parts: list[QueryFactors]) -> QueryFactors:
+    """The factors of consecutive query blocks as one (the rank is the same in every block)."""
+    return QueryFactors(*(torch.cat([getattr(p, f) for p in parts]) for f in ("left", "right", "sqnorm", "kept")))
 
 
 def forms_gradient(n_tokens: int, d_in: int, d_out: int, n_queries: int, rank: int) -> bool:

@@ -119,10 +119,6 @@ class ShardSession:
         if self.on_batch is not None:
             self.on_batch(batch)
 
-    def drop(self) -> None:
-        """Forgets every pending graph (after a failure)."""
-        self._pending.clear()
-
 
 def pipelined_batches(
     head: ShardSession,

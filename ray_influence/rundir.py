@@ -68,9 +68,6 @@ class RunDir:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
-    def is_empty(self) -> bool:
-        return not self.fs.exists(self.root) or not self.fs.ls(self.root)
-
     # ----------------------------------------------------------------- raw bytes
 
     def write_bytes(self, rel: str, data: bytes) -> None:

@@ -247,10 +247,6 @@ class ShardModel:
             hidden = self.adapter.end(self.model, hidden)
         return hidden
 
-    def owned_parameters(self) -> list[str]:
-        """Names of the parameters holding storage (every one this shard owns)."""
-        return [n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.is_meta]
-
 
 def owned_prefixes(model: PreTrainedModel, adapter: Adapter, blocks: range, first: bool, last: bool) -> list[str]:
     """Module-name prefixes of everything a shard owns."""

@@ -126,10 +126,18 @@ class ShardPeer:
         return write_index_piece(self.run, stage, self.shard, part, [], flat, parse_dtype(self.cfg.projection.dtype),
                                  provenance)
 
-    def write_queries(self, sid: str, order: list[int], ids: list, recs: list[dict], methods: list[str]) -> list[dict]:
-        """Peer shard: preconditions and writes its query vectors of pass ``sid``; exact mode: its energy rows."""
+    def query_block(self, sid: str, key: str, order: list[int], methods: list[str]) -> int:
+        """Peer shard: preconditions its query gradients of pass ``sid`` and holds the block under ``key``."""
         plan = self._pop_session(sid)[1]
-        return self._write_queries(ids, recs, {n: g[order] for n, g in plan.collector.result().items()}, methods)
+        fit, parts = self._held.setdefault(key, (self._fit_factors(methods), []))
+        parts.append(self._query_block_of({n: g[order] for n, g in plan.collector.result().items()}, methods, fit))
+        return len(order)
+
+    def write_query_blocks(self, key: str, ids: list, recs: list[dict], methods: list[str]) -> list[dict]:
+        """Peer shard: writes the query blocks held under ``key``; exact mode: returns their energy rows."""
+        if key not in self._held:
+            raise ShardLost(f"shard {self.shard} holds no query blocks {key} (restarted?)")
+        return self._write_queries(ids, recs, self._held.pop(key)[1], methods)
 
     def score_rows(self, sid: str, rows: list[int], n_docs: int, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Peer shard: its partial exact scores ``[n_docs, Q]`` and ``‖DW‖²`` ``[n_docs]`` of pass ``sid``."""

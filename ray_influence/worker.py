@@ -32,7 +32,7 @@ from .query_input import finite_queries, load_queries, skipped_summary, write_sk
 from .rundir import RunDir
 from .collectors import QueryScoreCollector
 from .config import ScoringMode
-from .lowrank import QueryFactors, truncate
+from .lowrank import QueryFactors, concat, query_block_size, truncate
 from .scoring import (
     BlockScores,
     Method,
@@ -119,9 +119,6 @@ class Worker(ShardPeer):
         self._piece_reader: IndexPieceReader | None = None
         if cfg.cluster.num_cpus_per_worker >= 1 and self.device.type == "cpu":
             torch.set_num_threads(int(cfg.cluster.num_cpus_per_worker))
-
-    def ping(self) -> int:
-        return self.shard
 
     def stats(self) -> dict:
         """This worker's process id, peak resident memory and the parameter bytes it holds."""
@@ -493,25 +490,41 @@ class Worker(ShardPeer):
     # --------------------------------------------------------------- queries
 
     def queries(self, methods: Sequence[str]) -> dict:
-        """Query gradients at θ_ft, preconditioned per method, projected; written to the run dir.
+        """Query gradients at θ_ft, preconditioned per method, cut to rank-r factors (exact
+        mode) or projected; written to the run dir.
 
-        Sharded, each shard preconditions and writes its own modules' query vectors.
+        The queries run in blocks of ``scoring.query_block`` (0: as many as fit in
+        :data:`~ray_influence.lowrank.QUERY_STAGE_BYTES`, :func:`~ray_influence.lowrank.query_block_size`):
+        a block's exact gradients and full preconditioned vectors live only until its factors
+        (or projected rows) are taken, so the stage's memory is one block's plus the factors.
+        Sharded, each shard preconditions, cuts and writes its own modules' queries.
         """
-        q = self.cfg.queries
-        selection = load_queries(q, self.tokenizer("finetuned"))  # the kept queries, in file order (query_input)
-        recs, ids, examples = list(selection.records), selection.ids, list(selection.examples)
-        plan = self._plan("finetuned", "gradients", False)
-        sid, kept, _, skipped = self._run("finetuned", examples, plan, [("gradients", False)] * len(self.peers))
+        methods = list(methods)
+        selection = load_queries(self.cfg.queries, self.tokenizer("finetuned"))  # kept queries, file order
+        examples = list(selection.examples)
+        block = self._query_block(len(examples), len(methods))
+        key = uuid.uuid4().hex  # names the blocks each peer holds until the write
+        fit = self._fit_factors(methods)
+        parts, skipped = [], []
+        for start in range(0, len(examples), block):
+            chunk = examples[start:start + block]
+            plan = self._plan("finetuned", "gradients", False)
+            sid, kept, _, dropped = self._run("finetuned", chunk, plan, [("gradients", False)] * len(self.peers))
+            order = attribution.input_order(chunk, kept)
+            refs = self._peer_results("query_block", sid, key, order, methods)
+            parts.append(self._query_block_of({n: g[order] for n, g in plan.collector.result().items()}, methods, fit))
+            self._peer_get(refs)
+            skipped += dropped
         if skipped:  # a non-finite loss: skipped and listed too (peers get only the kept ids and records)
             selection = finite_queries(selection, skipped)
-            recs, ids = list(selection.records), selection.ids
-        order = attribution.input_order(examples, kept)
-        refs = self._peer_results("write_queries", sid, order, ids, recs, list(methods))
-        energy = self._write_queries(ids, recs, {n: g[order] for n, g in plan.collector.result().items()}, methods)
+        recs, ids = list(selection.records), selection.ids
+        refs = [p.write_query_blocks.remote(key, ids, recs, methods) for p in self.peers]
+        energy = self._write_queries(ids, recs, parts, methods)
         for rows in self._peer_get(refs) if refs else []:
             energy += rows
         write_skipped_queries(self.run, selection.skipped)
-        out = {"queries": len(ids), "methods": [Method.parse(m).value for m in methods], **skipped_summary(selection)}
+        out = {"queries": len(ids), "methods": [Method.parse(m).value for m in methods], "query_blocks": len(parts),
+               **skipped_summary(selection)}
         if self._exact:
             write_query_energy(self.run, energy)
             out.update(_rank_summary(energy, self.cfg.scoring.query_rank))
@@ -521,43 +534,60 @@ class Worker(ShardPeer):
     def _exact(self) -> bool:
         return self.cfg.scoring.scoring_mode is ScoringMode.EXACT
 
-    def _write_queries(self, ids: list, recs: list[dict], grads: dict, methods: Sequence[str]) -> list[dict]:
-        """Preconditions this shard's query gradients and writes them; exact mode: their energy rows."""
-        vectors = self._query_vectors_of(grads, methods)
-        if not self._exact:
-            write_query_vectors(self.run, self.shard, ids, recs, self.cfg.queries, vectors)
-            return []
-        rank = self.cfg.scoring.query_rank
-        factors = {m: {n: truncate(u, rank) for n, u in per.items()} for m, per in vectors.items()}
-        write_query_factors(self.run, self.shard, ids, recs, self.cfg.queries, factors, rank)
-        return energy_rows(ids, factors)
+    def _query_block(self, n_queries: int, n_methods: int) -> int:
+        """Queries per block of the query stage (``scoring.query_block``, or from the memory budget)."""
+        if self.cfg.scoring.query_block:
+            return self.cfg.scoring.query_block
+        params = sum(s.d_out * s.d_in_aug for s in self.specs("finetuned").values())
+        return query_block_size(n_queries, params, n_methods)
 
-    def _query_vectors_of(self, grads: dict, methods: Sequence[str]) -> dict:
-        """``{method: [Q, width]}`` of this worker's modules, from exact query gradients.
-
-        Exact mode: ``{method: {name: u [Q, d_out, d_in']}}`` unprojected and unflattened.
-        """
-        names = list(self.specs("finetuned"))
+    def _fit_factors(self, methods: Sequence[str]) -> dict:
+        """``{stage: {module: ModuleFactors}}`` of this shard that ``methods`` precondition with."""
         factors = {}
         for stage in ("finetuned", "pretrained"):
             rel = factors_rel(stage, self.shard)
             if self.run.piece_done(rel):
                 factors[stage] = factors_from_bytes(self.run.read_piece(rel))[0]
-        projs = self.projections("finetuned")
-        vectors = {}
+        for m in methods:
+            missing = [s for s in Method.parse(m).needs_factors if s not in factors]
+            if missing:
+                raise RuntimeError(f"method {Method.parse(m).value} needs {missing} factors; run the fit stage first")
+        return factors
+
+    def _query_block_of(self, grads: dict, methods: Sequence[str], fit: dict) -> dict:
+        """One block's ``{method: {module: QueryFactors}}`` (exact mode) or ``{method: [B, width]}``.
+
+        Args:
+            grads: ``{module: [B, d_out, d_in']}`` exact query gradients of this worker's modules.
+            fit: :meth:`_fit_factors`.
+        """
+        names = list(self.specs("finetuned"))
+        projs = None if self._exact else self.projections("finetuned")
+        rank = self.cfg.scoring.query_rank
+        out = {}
         for m in methods:
             method = Method.parse(m)
-            missing = [s for s in method.needs_factors if s not in factors]
-            if missing:
-                raise RuntimeError(f"method {method.value} needs {missing} factors; run the fit stage first")
-            u = query_vectors(method, grads, factors.get("finetuned"), factors.get("pretrained"))
+            u = query_vectors(method, grads, fit.get("finetuned"), fit.get("pretrained"))
             if self._exact:
-                vectors[method.value] = {n: u[n] for n in names}
+                out[method.value] = {n: truncate(u[n], rank) for n in names}
                 continue
             if projs is not None:
                 u = {n: project_matrix(u[n], projs[n]) for n in names}
-            vectors[method.value] = flatten(u, names)
-        return vectors
+            out[method.value] = flatten(u, names)
+        return out
+
+    def _write_queries(self, ids: list, recs: list[dict], parts: Sequence[dict], methods: Sequence[str]) -> list[dict]:
+        """Writes this shard's query blocks (:meth:`_query_block_of`, in order) as one piece; exact mode:
+        returns their energy rows."""
+        if not self._exact:
+            vectors = {m: torch.cat([p[m] for p in parts]) for m in parts[0]} if parts else {}
+            _check_rows(self.shard, ids, vectors.values())
+            write_query_vectors(self.run, self.shard, ids, recs, self.cfg.queries, vectors)
+            return []
+        factors = {m: {n: concat([p[m][n] for p in parts]) for n in parts[0][m]} for m in parts[0]} if parts else {}
+        _check_rows(self.shard, ids, [f.sqnorm for per in factors.values() for f in per.values()])
+        write_query_factors(self.run, self.shard, ids, recs, self.cfg.queries, factors, self.cfg.scoring.query_rank)
+        return energy_rows(ids, factors)
 
     # ----------------------------------------------------------------- score
 
@@ -748,6 +778,13 @@ def _rank_summary(energy: Sequence[dict], rank: int) -> dict:
             "rank_clipped": [f"{n}: {r}" for n, r in clipped],
             "retained_energy": {m: {"min": round(min(v), 6), "mean": round(sum(v) / len(v), 6)}
                                 for m, v in by_method.items()}}
+
+
+def _check_rows(shard: int, ids: Sequence, tensors) -> None:
+    """Every held query tensor has one row per kept query (a peer restarted mid-stage has fewer)."""
+    for t in tensors:
+        if t.shape[0] != len(ids):
+            raise ShardLost(f"shard {shard} holds {t.shape[0]} query rows for {len(ids)} queries (restarted?)")
 
 
 def _resolve(refs: dict) -> dict:

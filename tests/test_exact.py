@@ -73,12 +73,14 @@ TABLES = {"results": ("method, query_id, rank", 4), "token_influence": ("method,
           "layer_influence": ("method, query_id, doc_id, module", 4)}
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_full_rank_gives_the_exact_index_results(world, tmp_path, shards):
+@pytest.mark.parametrize("shards, block", [(1, 0), (1, 2), (2, 1)])
+def test_full_rank_gives_the_exact_index_results(world, tmp_path, shards, block):
+    """Also with the query stage in blocks of ``block`` queries (0: all 3 at once, by memory)."""
     root, cfg = world
-    run = exact(cfg, tmp_path / "exact", cluster__shards=shards,
+    run = exact(cfg, tmp_path / "exact", cluster__shards=shards, scoring__query_block=block,
                 cluster__num_cpus_per_worker=0.5 if shards > 1 else 1, cluster__replicas=1 if shards > 1 else 2)
     summary = run_job(config_from_dict(run), progress=False)
+    assert summary["query"]["query_blocks"] == {0: 1, 2: 2, 1: 3}[block]
     assert not (Path(run["run_dir"]) / "index").exists(), "the exact pass writes no index"
     assert summary["query"]["query_rank"] == 0 and summary["query"]["rank_clipped"] == []
     for m, e in summary["query"]["retained_energy"].items():
@@ -223,6 +225,7 @@ def test_a_rerun_scores_only_what_is_missing_and_a_killed_worker_changes_nothing
 @pytest.mark.parametrize("bad, words", [({"query_rank": -1}, "scoring.query_rank"),
                                         ({"query_rank": 2.5}, "scoring.query_rank"),
                                         ({"query_rank": True}, "scoring.query_rank"),
+                                        ({"query_block": -2}, "scoring.query_block"),
                                         ({"mode": "sketch"}, "scoring.mode")])
 def test_bad_mode_or_rank_exits_2_and_writes_nothing(tmp_path, capsys, bad, words):
     cfg = build_world(tmp_path)
@@ -270,3 +273,19 @@ def test_gradient_similarity_alone_fits_no_factors(tmp_path, ray_local):
     single = with_(cfg, run_dir=str(tmp_path / "single"), scoring__methods=["single_stage"])
     summary = run_job(config_from_dict(single), progress=False)
     assert "fit_finetuned" in summary and "fit_pretrained" not in summary  # single_stage: H_ft only
+
+
+def test_query_block_size_keeps_a_block_under_the_budget():
+    # P = 1000 tracked weights, 2 methods: 1000 * 8 * (2 + 2) = 32 kB per query
+    assert lowrank.query_block_size(100, 1000, 2, budget=32_000 * 10) == 10
+    assert lowrank.query_block_size(100, 1000, 2, budget=32_000 * 10 - 1) == 9
+    assert lowrank.query_block_size(5, 1000, 2, budget=1 << 40) == 5      # never more than the queries
+    assert lowrank.query_block_size(100, 10 ** 12, 4, budget=1 << 30) == 1  # never less than one
+
+
+def test_factors_of_query_blocks_concatenate_to_the_factors_of_all():
+    u = torch.randn(5, 7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    whole, parts = lowrank.truncate(u, 2), [lowrank.truncate(u[:2], 2), lowrank.truncate(u[2:], 2)]
+    joined = lowrank.concat(parts)
+    for f in ("left", "right", "sqnorm", "kept"):
+        assert torch.equal(getattr(joined, f), getattr(whole, f)), f  # a batched SVD is per matrix

@@ -128,8 +128,9 @@ def test_sharded_replicas_score_the_same_kept_queries(world, tmp_path):
     rows = [GOOD[0], EMPTY, GOOD[1], {**GOOD[0], "completion": " sits"}, GOOD[2], GOOD[3]]
     sharded = with_queries(cfg, write_queries(tmp_path / "mixed.jsonl", rows), run_dir=str(tmp_path / "run"))
     sharded["cluster"] = {**cfg["cluster"], "replicas": 1, "shards": 2, "num_cpus_per_worker": 0.5}
+    sharded["scoring"] = {**cfg["scoring"], "query_block": 3}  # the query stage in blocks of 3 + 1
     summary = run_job(config_from_dict(sharded), progress=False)
-    assert summary["query"]["queries"] == 4
+    assert summary["query"]["queries"] == 4 and summary["query"]["query_blocks"] == 2
     assert skipped_queries(sharded["run_dir"]) == [("q2", "empty_completion"), ("q0", "duplicate_id")]
     got = results(sharded["run_dir"])
     assert [r[:4] for r in got] == [r[:4] for r in reference]
@@ -150,9 +151,10 @@ def test_a_query_with_a_non_finite_loss_is_skipped_and_listed(world, tmp_path):
     rows = GOOD[:1] + [{"query_id": "zebra", "prompt": "the red cat", "completion": " zebra"}] + GOOD[1:]
     bad = with_queries(cfg, write_queries(tmp_path / "nan.jsonl", rows), run_dir=str(tmp_path / "run"),
                        finetuned_model=str(tmp_path / "ft_nan"))
-    bad["scoring"] = {**cfg["scoring"], "methods": ["grad_dot"]}  # the NaN row touches no fine-tuning example
+    bad["scoring"] = {**cfg["scoring"], "methods": ["grad_dot"],  # the NaN row touches no fine-tuning example
+                      "query_block": 2}  # zebra in the first of 3 blocks
     summary = run_job(config_from_dict(bad), progress=False)
-    assert summary["query"]["queries"] == 4
+    assert summary["query"]["queries"] == 4 and summary["query"]["query_blocks"] == 3
     assert skipped_queries(bad["run_dir"]) == [("zebra", "non_finite_loss")]
     same_results(results(bad["run_dir"]), [r for r in reference if r[0] == "grad_dot"])
 
