@@ -54,7 +54,9 @@ from .store import (
 )
 from .pipeline import ShardLost
 from .shard_model import model_blocks, shard_layout
-from .worker import partition_provenance, remote_worker
+from .corpus_pass import partition_provenance
+from .pass_spec import PassSpec
+from .worker import remote_worker
 
 STAGE_ORDER = ("fit", "index", "query", "score")
 PASS_STAGE_ORDER = ("fit", "query", "score")
@@ -253,15 +255,12 @@ class Job:
         names = ray.get([a.module_names.remote(stage) for a in self.shard_actors[0]])  # per shard
         actors = self.all_actors()
 
-        def per_shard(refs: list) -> list[list]:
-            """[replica][shard] refs of the workers' partial sums."""
-            return [[r] for r in refs] if n_shards == 1 else ray.get(refs)
-
         def merged(parts_: list[list], s: int) -> list:
             out = self.reducer.merge.options(num_returns=len(names[s])).remote(names[s], *[p[s] for p in parts_])
             return out if len(names[s]) > 1 else [out]
 
-        cov_parts = per_shard([w.covariance.remote(stage, sh) for w, sh in zip(self.workers, shares)])
+        # Per replica, per shard: a ref of the shard's partial sums.
+        cov_parts = ray.get([w.fit_pass.remote(PassSpec.covariance(stage), sh) for w, sh in zip(self.workers, shares)])
         cov = [merged(cov_parts, s) for s in range(n_shards)]
         # One eigendecomposition per module, spread over the (already warm) worker actors.
         flat_cov = [c for cs in cov for c in cs]
@@ -271,7 +270,8 @@ class Job:
             bases.append(flat_bases[i:i + len(names[s])])
             i += len(names[s])
         by_shard = [dict(zip(names[s], bases[s])) for s in range(n_shards)]  # nested refs: resolved by the workers
-        lam_parts = per_shard([w.lambdas.remote(stage, sh, by_shard) for w, sh in zip(self.workers, shares)])
+        lam_spec = PassSpec.lambdas(stage, by_shard)
+        lam_parts = ray.get([w.fit_pass.remote(lam_spec, sh) for w, sh in zip(self.workers, shares)])
         lam = [merged(lam_parts, s) for s in range(n_shards)]
         e = self.cfg.ekfac
         meta = {"fisher": str(e.fisher), "fisher_samples": e.fisher_samples, "damping_spec": e.damping_for(stage),
@@ -393,8 +393,8 @@ class Job:
         """The corpus pass and the scoring in one (``scoring.mode`` exact or fused): no index is written.
 
         exact: every document's exact gradient against the low-rank query factors
-        (:meth:`Worker.exact_score`); fused: its projected rows against the projected
-        queries (:meth:`Worker.fused_score`). Each partition's top-k is kept under
+        (:func:`ray_influence.corpus_pass.exact_partition`); fused: its projected rows against the projected
+        queries (:func:`ray_influence.corpus_pass.fused_partition`). Each partition's top-k is kept under
         ``fused/<token>/`` (:meth:`fused_token`), so a rerun for the same queries scores
         only the partitions not done yet.
         """
