@@ -247,7 +247,7 @@ class Job:
     def _fit_stage(self, stage: str, parts: Sequence[Partition]) -> None:
         n_shards = self.cfg.cluster.shards
         rels = [factors_rel(stage, s) for s in range(n_shards)]
-        if all(self._piece_ok(rel) for rel in rels):
+        if all(self._marker_ok(rel) for rel in rels) and not self._verify(rels):
             self.log(f"fit[{stage}]: factors already in {self.cfg.run_dir}/{rels[0].rsplit('.shard-', 1)[0]}*, skipped")
             return
         t0 = time.perf_counter()
@@ -285,34 +285,45 @@ class Job:
 
     # ----------------------------------------------------------------- index
 
-    def _piece_ok(self, rel: str, provenance: dict | None = None) -> bool:
-        """Whether a piece is complete, intact and (for index pieces) still matches the corpus."""
-        return self._verified_piece(rel, provenance) is not None
-
-    def _verified_piece(self, rel: str, provenance: dict | None = None) -> bytes | None:
-        """A complete, intact piece's bytes, if it (for corpus pieces) still matches the corpus; else None.
-
-        A damaged piece (checksum mismatch) is dropped, so it is recomputed, and counted.
-        """
+    def _marker_ok(self, rel: str, provenance: dict | None = None) -> bool:
+        """Whether a piece's marker says it is complete and (for corpus pieces) still matches the
+        corpus. Reads the marker only; the piece itself is checked by :meth:`_verify`."""
         marker = self.run.piece_done(rel)
-        if marker is None:
-            return None
-        if provenance is not None and any(marker.get(k) != v for k, v in provenance.items()):
-            return None  # the file changed, or the duplicate rows did
-        try:
-            return self.run.read_piece(rel)
-        except DamagedArtifact as e:
-            self.log(f"damaged, recomputing: {e}")
-            self.damaged.append(rel)
-            self.run.invalidate(rel)
-            return None
+        return marker is not None and (provenance is None or all(marker.get(k) == v for k, v in provenance.items()))
 
-    def _partition_done(self, part: Partition, stages: Sequence[str]) -> bool:
+    def _verify(self, rels: Sequence[str]) -> set[str]:
+        """The pieces among ``rels`` that are damaged (size or checksum), dropped so they are recomputed.
+
+        The workers read and checksum them, in parallel (:func:`ray_influence.shard_steps.verify_pieces`);
+        the driver reads no piece. Damaged pieces are logged and counted in ``rels``' order.
+        """
+        if not rels:
+            return set()
+        per = -(-len(rels) // (len(self.workers) * IN_FLIGHT_PER_WORKER))
+        chunks = [list(rels[i:i + per]) for i in range(0, len(rels), per)]
+        found: set[str] = set()
+        _drain(self.workers, chunks, lambda w, c: w.verify_pieces.remote(c), lambda _, bad: found.update(bad))
+        for rel in rels:
+            if rel in found:
+                self.log(f"damaged, recomputing: {self.cfg.run_dir}/{rel}")
+                self.damaged.append(rel)
+        return found
+
+    def _partition_rels(self, part: Partition, stages: Sequence[str]) -> list[str] | None:
+        """The pieces of a done partition (index pieces of every stage and shard, docs, skipped);
+        None when a marker is missing or the corpus changed under them."""
         prov = partition_provenance(part, self.duplicates.get(part.key))
-        ok = [self._piece_ok(index_rel(s, shard, part.key), prov) for s in stages
-              for shard in range(self.cfg.cluster.shards)]
-        ok += [self._piece_ok(docs_rel(part.key)), self._piece_ok(skipped_rel(part.key))]
-        return all(ok)
+        index = [index_rel(s, shard, part.key) for s in stages for shard in range(self.cfg.cluster.shards)]
+        rest = [docs_rel(part.key), skipped_rel(part.key)]
+        if all(self._marker_ok(r, prov) for r in index) and all(self._marker_ok(r) for r in rest):
+            return index + rest
+        return None
+
+    def _done_partitions(self, parts: Sequence[Partition], rels_of) -> set[str]:
+        """Keys of the partitions whose pieces (``rels_of(part)``: a list, or None when not done) are all intact."""
+        planned = {p.key: rels_of(p) for p in parts}
+        damaged = self._verify([r for rels in planned.values() if rels for r in rels])
+        return {k for k, rels in planned.items() if rels is not None and not damaged.intersection(rels)}
 
     def _corpus_pass(self, parts: Sequence[Partition], todo: Sequence[Partition], desc: str, submit,
                      on_result=None) -> dict:
@@ -342,7 +353,8 @@ class Job:
 
     def index(self, parts: Sequence[Partition]) -> None:
         stages = self.stages_needed()
-        todo = [p for p in parts if not self._partition_done(p, stages)]
+        done = self._done_partitions(parts, lambda p: self._partition_rels(p, stages))
+        todo = [p for p in parts if p.key not in done]
         self.log(f"index: {len(parts) - len(todo)} of {len(parts)} partitions already done, {len(todo)} to go")
         self.summary["index"] = self._corpus_pass(
             parts, todo, "index", lambda w, p: w.index.remote(p, stages, self.duplicates.get(p.key)))
@@ -389,6 +401,16 @@ class Job:
             key = {**key, "mode": mode.value, "dtype": None}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
+    def _fused_top_k(self, rel: str) -> dict | None:
+        """A scored partition's top-k (read in full: ``[Q, k]`` per method); None when damaged (then dropped)."""
+        try:
+            return fused_from_bytes(self.run.read_piece(rel))[0]
+        except DamagedArtifact as e:
+            self.log(f"damaged, recomputing: {e}")
+            self.damaged.append(rel)
+            self.run.invalidate(rel)
+            return None
+
     def fused_score(self, parts: Sequence[Partition]) -> None:
         """The corpus pass and the scoring in one (``scoring.mode`` exact or fused): no index is written.
 
@@ -402,11 +424,14 @@ class Job:
         token = self.fused_token()
         merged: dict = {}
         todo = []
+        rest = lambda p: [docs_rel(p.key), skipped_rel(p.key)]  # noqa: E731
+        done = self._done_partitions(parts, lambda p: rest(p) if self._marker_ok(
+            fused_rel(token, p.key), partition_provenance(p, self.duplicates.get(p.key))) and all(
+            self._marker_ok(r) for r in rest(p)) else None)
         for p in parts:
-            data = self._verified_piece(fused_rel(token, p.key), partition_provenance(p, self.duplicates.get(p.key)))
-            if data is not None and self._piece_ok(docs_rel(p.key)) and self._piece_ok(skipped_rel(p.key)):
+            top = self._fused_top_k(fused_rel(token, p.key)) if p.key in done else None
+            if top is not None:
                 offset = p.offset - p.start
-                top = fused_from_bytes(data)[0]
                 _merge_into(merged, {m: (v, r + offset) for m, (v, r) in top.items()}, k)
             else:
                 todo.append(p)
@@ -487,6 +512,12 @@ class Job:
 
     # -------------------------------------------------------------------- all
 
+    def stage_runners(self, parts: Sequence[Partition]) -> dict[str, Any]:
+        """``{stage: run it}``: the dispatch table of :meth:`execute` (the score stage by ``scoring.mode``)."""
+        has_index = self.cfg.scoring.scoring_mode.has_index
+        return {"fit": lambda: self.fit(parts), "index": lambda: self.index(parts), "query": self.query,
+                "score": (lambda: self.score(parts)) if has_index else (lambda: self.fused_score(parts))}
+
     def execute(self, stage: str = "all", checked: bool = False) -> dict:
         """Runs the stages; ``checked`` says :func:`preflight` already passed for them."""
         stages = stages_of(stage, self.cfg.scoring.scoring_mode)
@@ -497,18 +528,10 @@ class Job:
         self.duplicates = duplicate_rows(parts, self.cfg.corpus.id_column)
         self.start_workers()
         try:
+            runners = self.stage_runners(parts)
             for name in stages:
                 t0 = time.perf_counter()
-                if name == "fit":
-                    self.fit(parts)
-                elif name == "index":
-                    self.index(parts)
-                elif name == "query":
-                    self.query()
-                elif name == "score" and not self.cfg.scoring.scoring_mode.has_index:
-                    self.fused_score(parts)
-                elif name == "score":
-                    self.score(parts)
+                runners[name]()
                 self.timings[name] = time.perf_counter() - t0
                 if name == "score" and self.cfg.scoring.token_influence_top:
                     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from .modules import ModuleSpec
 from .peer import ShardPass
 from .pipeline import ShardLost
 from .projection import project_matrix
+from .rundir import DamagedArtifact
 from .scoring import (
     BlockScores,
     Method,
@@ -35,6 +36,21 @@ from .scoring import (
 )
 from .shard_host import ShardHost
 from .store import energy_rows, read_index_piece, write_index_piece, write_query_factors, write_query_vectors
+
+# ----------------------------------------------------------------- pieces
+
+def verify_pieces(host: ShardHost, rels: Sequence[str]) -> list[str]:
+    """Reads and checksums each piece of ``rels``; drops the damaged ones (so they are recomputed)
+    and returns them. Any worker can check any shard's pieces: they share the run dir."""
+    damaged = []
+    for rel in rels:
+        try:
+            host.run.read_piece(rel)
+        except DamagedArtifact:
+            host.run.invalidate(rel)
+            damaged.append(rel)
+    return damaged
+
 
 # ------------------------------------------------------------------ fit
 

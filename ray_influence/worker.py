@@ -78,6 +78,10 @@ class ReplicaActor:
     def finetune_records(self) -> list[dict]:
         return self.host.finetune_records()
 
+    def verify_pieces(self, rels: Sequence[str]) -> list[str]:
+        """The damaged pieces among ``rels``, dropped (:func:`shard_steps.verify_pieces`)."""
+        return shard_steps.verify_pieces(self.host, rels)
+
     # ------------------------------------------------------------------- fit
 
     def fit_pass(self, spec: PassSpec, share: Sequence) -> list:
