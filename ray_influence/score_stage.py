@@ -18,7 +18,6 @@ from .data import Partition
 from .pass_spec import PassSpec
 from .replica import Replica
 from .scoring import Method, top_k
-from .store import read_fused_piece
 from .tokens import Example
 
 
@@ -61,19 +60,6 @@ def query_sqnorms(replica: Replica) -> dict[str, list[float]]:
     """``{method: [Q]}`` squared norms of the stored query vectors, summed over shards."""
     per_shard = replica.each(steps.query_sqnorms)
     return {m: functools.reduce(operator.add, (sq[m] for sq in per_shard)).tolist() for m in per_shard[0]}
-
-
-def doc_sqnorms(replica: Replica, stage: str, part: Partition, fused_token: str | None = None) -> dict[int, float]:
-    """``{row: squared norm}`` of a partition's index rows, summed over shards.
-
-    ``fused_token``: read them from that fused pass's piece instead (there is no index).
-    """
-    if fused_token is not None:
-        _, sqnorms, rows = read_fused_piece(replica.host.run, fused_token, part)
-        return dict(zip(rows.tolist(), sqnorms[stage].tolist()))
-    per_shard = replica.each(steps.index_sqnorms, stage, part)
-    sq = functools.reduce(operator.add, (s for s, _ in per_shard))
-    return dict(zip(per_shard[0][1].tolist(), sq.tolist()))
 
 
 def module_table(replica: Replica, stage: str) -> tuple[tuple[str, ...], tuple[int, ...]]:

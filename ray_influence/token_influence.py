@@ -155,8 +155,7 @@ class DocTerms:
     blocks: tuple[int, ...]
 
 
-def replica_token_terms(replica, stage: str, requests: Sequence[DocRequest],
-                        fused_token: str | None = None) -> list[DocTerms]:
+def replica_token_terms(replica, stage: str, requests: Sequence[DocRequest], sink) -> list[DocTerms]:
     """Runs on a replica's head: the terms of each requested document at ``stage``'s model.
 
     Args:
@@ -164,10 +163,10 @@ def replica_token_terms(replica, stage: str, requests: Sequence[DocRequest],
             file cache); a sharded replica gathers every shard's modules.
         stage: ``pretrained`` or ``finetuned`` (the methods' document model).
         requests: the documents, each with the (method, query) pairs to explain.
-        fused_token: a fused pass's token: the documents' norms (cosine methods) come from
-            its pieces, as there is no index.
+        sink: the corpus pass's :class:`~ray_influence.corpus_sinks.CorpusSink`: the documents'
+            norms (cosine methods) come from its pieces (index or top-k pieces).
     """
-    from .score_stage import doc_sqnorms, example_terms, module_table, query_sqnorms
+    from .score_stage import example_terms, module_table, query_sqnorms
 
     host = replica.host
     tok = host.tokenizer("pretrained")
@@ -188,7 +187,7 @@ def replica_token_terms(replica, stage: str, requests: Sequence[DocRequest],
                 if query_sq is None:
                     query_sq = query_sqnorms(replica)
                 if req.part.key not in doc_sq:
-                    doc_sq[req.part.key] = doc_sqnorms(replica, stage, req.part, fused_token)
+                    doc_sq[req.part.key] = sink.doc_sqnorms(replica, stage, req.part)
                 norm = (query_sq[m][q] * doc_sq[req.part.key][req.row]) ** 0.5
                 scale[r] = 1 / max(norm, torch.finfo(TERM_DTYPE).tiny)
         terms = terms * scale[None, :, None]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from . import corpus_pass, ekfac, faults, query_stage, score_stage, shard_steps
 from .config import Config
+from .corpus_sinks import CorpusSink, IndexSink
 from .data import Document, Partition
 from .pass_spec import PassKind, PassSpec
 from .peer import PeerShard
@@ -117,16 +118,13 @@ class ReplicaActor:
 
     # --------------------------------------------------------- corpus, queries
 
+    def corpus(self, part: Partition, sink: CorpusSink, drop: dict[int, str] | None = None) -> dict:
+        """The corpus pass of one partition into ``sink`` (:func:`corpus_pass.run_partition`)."""
+        return corpus_pass.run_partition(self.replica, part, sink, drop)
+
     def index(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None = None) -> dict:
-        return corpus_pass.index_partition(self.replica, part, stages, drop)
-
-    def fused_score(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None,
-                    methods: Sequence[str], k: int, token: str) -> dict:
-        return corpus_pass.fused_partition(self.replica, part, stages, drop, methods, k, token)
-
-    def exact_score(self, part: Partition, stages: Sequence[str], drop: dict[int, str] | None,
-                    methods: Sequence[str], k: int, token: str) -> dict:
-        return corpus_pass.exact_partition(self.replica, part, stages, drop, methods, k, token)
+        """One partition's index pieces at each of ``stages``' models (the corpus pass into an :class:`IndexSink`)."""
+        return self.corpus(part, IndexSink(tuple(stages)), drop)
 
     def queries(self, methods: Sequence[str]) -> dict:
         return query_stage.run_queries(self.replica, methods)
@@ -138,11 +136,12 @@ class ReplicaActor:
         """This shard's partial scores of one partition's index pieces (:func:`shard_steps.piece_partial_scores`)."""
         return shard_steps.piece_partial_scores(self.host, part, methods)
 
-    def token_terms(self, stage: str, requests: Sequence, fused_token: str | None = None) -> list:
-        """Per-token and per-module terms of top documents (:mod:`ray_influence.token_influence`)."""
+    def token_terms(self, stage: str, requests: Sequence, sink: CorpusSink) -> list:
+        """Per-token and per-module terms of top documents (:mod:`ray_influence.token_influence`);
+        ``sink``: the corpus pass's, which knows where the documents' norms are."""
         from .token_influence import replica_token_terms
 
-        return replica_token_terms(self.replica, stage, requests, fused_token)
+        return replica_token_terms(self.replica, stage, requests, sink)
 
     # ------------------------------------------------------------- peer side
 

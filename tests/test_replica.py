@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -81,3 +82,31 @@ def test_local_replica_answers_per_shard(tmp_path):
     name = next(iter(per_shard[0]))
     assert len(got) == 1 and torch.equal(got[0][name].a_sum, per_shard[0][name].a_sum)
     assert actor._fit(PassSpec.covariance("pretrained"), [], fetch=True) == [{n: None for n in host.specs("pretrained")}]
+
+
+def test_sinks_name_their_pieces_and_resume_from_them(tmp_path):
+    from ray_influence.corpus_sinks import FusedScoreSink, IndexSink
+    from ray_influence.rundir import DamagedArtifact, RunDir
+    from ray_influence.store import docs_rel, fused_rel, index_rel, skipped_rel, write_fused_piece
+
+    cfg = config_from_dict(build_world(tmp_path))
+    run = RunDir(cfg.run_dir)
+    part = plan_partitions(list_files(cfg.corpus.path), cfg.corpus.partition_docs)[1]
+    index = IndexSink(("pretrained",))
+    assert index.pieces(part, 2) == [(index_rel("pretrained", 0, part.key), True),
+                                     (index_rel("pretrained", 1, part.key), True),
+                                     (docs_rel(part.key), False), (skipped_rel(part.key), False)]
+    assert index.resumed(run, part) == {}
+    sink = FusedScoreSink(("pretrained",), ("grad_dot",), 2, "tok")
+    assert sink.pieces(part, 1)[0] == (fused_rel("tok", part.key), True)
+    rows = torch.tensor([part.start + 1, part.start + 3])
+    top = {"grad_dot": (torch.tensor([[2.0, 1.0]], dtype=torch.float64), rows.clone()[None, :])}
+    write_fused_piece(run, "tok", part, top, {"pretrained": torch.ones(2, dtype=torch.float64)}, rows, {})
+    values, positions = sink.resumed(run, part)["top_k"]["grad_dot"]
+    assert torch.equal(values, top["grad_dot"][0]) and positions.tolist() == [[part.position(r) for r in rows.tolist()]]
+    replica = types.SimpleNamespace(host=types.SimpleNamespace(run=run))  # a score sink reads its own piece
+    assert sink.doc_sqnorms(replica, "pretrained", part) == {r: 1.0 for r in rows.tolist()}
+    path = tmp_path / "run" / fused_rel("tok", part.key)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(DamagedArtifact):
+        sink.resumed(run, part)
