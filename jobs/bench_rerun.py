@@ -4,8 +4,9 @@ Builds the job benchmark's corpus (``jobs/bench_throughput.py --sections job``: 
 GPT-NeoX, word documents, 64 per partition), runs the whole job once (index mode), then
 reruns it: every stage finds its pieces and plans from them. Counted in the driver
 process only (the workers are other processes): the bytes it reads from the run dir
-(:meth:`RunDir.read_bytes`, which every piece, marker and table read goes through) and the
-seconds of the rerun's fit and index stages (their planning, as nothing is left to do).
+(:meth:`RunDir.read_bytes`, which every piece, marker and table read goes through), and the
+wall and CPU seconds of the rerun's fit and index stages (their planning, as nothing is
+left to do; the wall time includes starting the workers' processes when they are first used).
 
     python jobs/bench_rerun.py --docs 1024 [--out rerun.json]
 """
@@ -66,8 +67,21 @@ def main(argv=None) -> dict:
         "scoring": {"methods": ["multi_stage"], "top_k": 10, "mode": "index"},
         "cluster": {"replicas": 2, "num_cpus_per_worker": max(args.cpus // 2, 1), "max_tokens_per_batch": 2048}})
 
+    from ray_influence.driver import Job
+
     read = {"bytes": 0, "calls": 0}
     original = RunDir.read_bytes
+    cpu = {"fit_index_s": 0.0}  # the driver process's CPU seconds in the fit and index stages
+    stages = {name: getattr(Job, name) for name in ("fit", "index")}
+
+    def timed(fn):
+        def run(self, *a, **kw):
+            t0 = time.process_time()
+            try:
+                return fn(self, *a, **kw)
+            finally:
+                cpu["fit_index_s"] += time.process_time() - t0
+        return run
 
     def counting(self, rel):
         data = original(self, rel)
@@ -81,17 +95,22 @@ def main(argv=None) -> dict:
         run_job(cfg, progress=False)
         first = time.perf_counter() - t0
         RunDir.read_bytes = counting
+        for name, fn in stages.items():
+            setattr(Job, name, timed(fn))
         try:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             summary = run_job(cfg, progress=False)
-            rerun = time.perf_counter() - t0
+            rerun, rerun_cpu = time.perf_counter() - t0, time.process_time() - c0
         finally:
             RunDir.read_bytes = original
+            for name, fn in stages.items():
+                setattr(Job, name, fn)
     finally:
         ray.shutdown()
     index_bytes = sum(f.stat().st_size for f in (root / "run" / "index").rglob("*.safetensors"))
     out = {"docs": args.docs, "first_run_s": round(first, 2), "rerun_s": round(rerun, 2),
            "rerun_fit_plus_index_s": round(summary["timings"]["fit"] + summary["timings"]["index"], 3),
+           "driver_cpu_fit_plus_index_s": round(cpu["fit_index_s"], 3), "driver_cpu_rerun_s": round(rerun_cpu, 3),
            "driver_read_bytes": read["bytes"], "driver_read_calls": read["calls"], "index_bytes": index_bytes,
            "index_partitions_recomputed": summary["index"]["partitions"]}
     print(json.dumps(out, indent=1))
