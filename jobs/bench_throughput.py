@@ -236,7 +236,7 @@ def bench_rotation(name: str, args, lo: int, hi: int, n_docs: int) -> dict:
 
 
 def bench_scoring(args) -> dict:
-    """The score stage of one worker (``Worker.score`` per piece + the driver's top-k merge) vs a bare matmul.
+    """The score stage of one worker (``ReplicaActor.score`` per piece + the driver's top-k merge) vs a bare matmul.
 
     Both sides see the same shapes and dtypes: the worker streams each float32 piece from
     disk (read + sha256 in a background thread), scores it in float32 and takes its top-k;
@@ -249,7 +249,7 @@ def bench_scoring(args) -> dict:
     from ray_influence.data import Document, InputFile, Partition
     from ray_influence.reducer import merge_topk
     from ray_influence.store import read_index_piece, write_index_piece, write_query_vectors
-    from ray_influence.worker import Worker
+    from ray_influence.worker import ReplicaActor as Worker
 
     n_docs, n_parts, q, d, k = 4096, 8, 64, 32 * 32 * 48, 100  # 48 modules of 32 x 32
     root = tempfile.mkdtemp(prefix="bench-score-")

@@ -16,7 +16,7 @@ from . import ekfac
 from .collectors import CovarianceCollector, GradientCollector, LambdaCollector, ProjectedCollector
 from .ekfac import Fisher, ModuleFactors
 from .modules import ModuleSpec
-from .passes import Labels, run_pass
+from .passes import Labels, run_pass, run_with_rerun
 from .projection import Projection, project_matrix
 from .scoring import Method, flatten, query_vectors, scores
 from .tokens import Example, batches, collate
@@ -53,28 +53,15 @@ def run_batches(
     Returns:
         ``(kept keys in order, their data losses [N], skipped keys)``.
     """
-    kept: list[str] = []
-    losses: list[torch.Tensor] = []
-    skipped: list[str] = []
-    examples = sorted(examples, key=len)
-    for group in batches(examples, max_tokens):
-        batch = collate(group)
-        loss = run_pass(model, batch, specs, collector, labels, seed, FISHER_LABEL_STREAM)
-        bad = ~torch.isfinite(loss)
-        if bool(bad.any()):
-            skipped += [e.key for e, b in zip(group, bad.tolist()) if b]
-            group = [e for e, b in zip(group, bad.tolist()) if not b]
-            if not group:
-                continue
+    def run(groups: Sequence[list[Example]]):
+        for group in groups:
             batch = collate(group)
             loss = run_pass(model, batch, specs, collector, labels, seed, FISHER_LABEL_STREAM)
-            # Rows that were finite in a batch stay finite alone (rows do not interact).
-            assert bool(torch.isfinite(loss).all()), "a row became non-finite once its batch shrank"
-        kept += [e.key for e in group]
-        losses.append(loss)
-        if on_batch is not None:
-            on_batch(batch)
-    return kept, (torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)), skipped
+            if on_batch is not None and bool(torch.isfinite(loss).all()):
+                on_batch(batch)
+            yield group, loss
+
+    return run_with_rerun(batches(sorted(examples, key=len), max_tokens), run, window=1)
 
 
 def _labels(fisher: Fisher) -> Labels:

@@ -4,16 +4,21 @@
            covariance pass (workers) -> merge -> eigh per module (tasks) -> Λ pass -> merge -> save
     query  query gradients at θ_ft, preconditioned per method; then, by scoring.mode,
            cut to rank-r factors (exact) or projected (index, fused)
-    score  exact / fused: the corpus pass itself, each partition scored on the spot
-           (workers) -> top-k -> merge -> results Parquet; no index is written
+    score  exact / fused: the corpus pass itself into a score sink, each partition scored on
+           the spot (workers) -> top-k -> merge -> results Parquet; no index is written
            index: per partition, scores of the stored index and top-k -> merge -> Parquet
-    index  (scoring.mode: index only) per corpus partition: projected document gradients,
-           written by the workers
+    index  (scoring.mode: index only) the corpus pass into an index sink: projected document
+           gradients, written by the workers
 
-A rerun skips what is complete: factors whose file is there; in exact and fused mode the
-partitions already scored for the same query set (``fused/<token>/``), so a grown corpus
-scores only its new partitions and new queries start a fresh pass; in index mode the index
-partitions whose pieces are there. The query stage is cheap and always recomputed.
+The corpus pass feeds a sink (:mod:`ray_influence.corpus_sinks`), which names the pieces of
+a finished partition. A rerun skips what is complete: factors whose file is there; in exact
+and fused mode the partitions already scored for the same query set (``fused/<token>/``),
+so a grown corpus scores only its new partitions and new queries start a fresh pass; in
+index mode the index partitions whose pieces are there. The driver plans from the pieces'
+markers and reads no piece but a top-k: the workers read and checksum the pieces in
+parallel (:meth:`Job._verify`), and a damaged one is dropped and recomputed. The query
+stage is cheap and always recomputed. The actors live in :mod:`ray_influence.actors`, what
+is written at the end of scoring in :mod:`ray_influence.results`.
 """
 
 from __future__ import annotations
@@ -28,93 +33,35 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 import ray
-from tqdm import tqdm
 
 from . import __version__
+from .actors import IN_FLIGHT_PER_WORKER, ReplicaPool, drain, progress_bar
 from .config import Config, ConfigError, ScoringMode
 from .data import Partition, duplicate_rows, list_files, plan_partitions, read_records
 from .preflight import check_run_dir, preflight
-from .reducer import merge_topk, remote_reducer
+from .reducer import merge_topk
+from .results import run_metadata, token_requests, write_result_tables
 from .rundir import DamagedArtifact, RunDir
-from .scoring import Method
 from .store import (
     STAGES,
-    docs_rel,
     factors_rel,
-    fused_from_bytes,
-    fused_rel,
     index_rel,
     queries_rel,
-    read_parquet_piece,
-    skipped_rel,
     stored_query_ids,
-    results_table,
-    write_results,
     write_skipped_summary,
 )
+from .corpus_sinks import CorpusSink, ExactScoreSink, FusedScoreSink, IndexSink, partition_provenance
+from .pass_spec import PassSpec
 from .pipeline import ShardLost
-from .shard_model import model_blocks, shard_layout
-from .worker import partition_provenance, remote_worker
 
 STAGE_ORDER = ("fit", "index", "query", "score")
 PASS_STAGE_ORDER = ("fit", "query", "score")
 """Modes without an index (exact, fused): the score stage runs the corpus pass itself."""
-IN_FLIGHT_PER_WORKER = 2
 
 def bind_run_dir(run: RunDir, cfg: Config) -> None:
     """Records the config in ``run.json`` (after :func:`check_run_dir` passed)."""
     check_run_dir(cfg)
     run.write_json("run.json", {"config": cfg.to_dict(), "version": __version__})
-
-
-def _progress(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-
-
-def _drain(workers: Sequence, items: Sequence, submit, on_done, in_flight: int = IN_FLIGHT_PER_WORKER,
-           retries: int = 3) -> None:
-    """Runs ``submit(worker, item)`` over ``items``, keeping each worker ``in_flight`` deep.
-
-    A task whose actor died for good is resubmitted to another worker (its item is
-    retried), so one lost worker does not lose a partition. A task that lost a shard of
-    its replica (:class:`ShardLost`: Ray restarts the shard) is retried, ``retries`` times
-    per item at most.
-    """
-    queue = list(items)[::-1]
-    running: dict = {}
-    alive = list(workers)
-    lost: dict[int, int] = defaultdict(int)
-
-    def feed(worker) -> None:
-        if queue:
-            item = queue.pop()
-            running[submit(worker, item)] = (worker, item)
-
-    for w in alive:
-        for _ in range(in_flight):
-            feed(w)
-    while running:
-        done, _ = ray.wait(list(running), num_returns=1)
-        worker, item = running.pop(done[0])
-        try:
-            result = ray.get(done[0])
-        except ShardLost:
-            lost[id(item)] += 1
-            if lost[id(item)] > retries:
-                raise
-            queue.append(item)
-            feed(worker)
-            continue
-        except ray.exceptions.RayActorError:
-            if worker in alive:
-                alive.remove(worker)
-            if not alive:
-                raise
-            queue.append(item)
-            feed(alive[0])
-            continue
-        on_done(item, result)
-        feed(worker)
 
 
 class Job:
@@ -124,10 +71,7 @@ class Job:
         self.cfg = cfg
         self.progress = progress
         self.run = RunDir(cfg.run_dir)
-        self.workers: list = []  # one per replica: its worker, or its shard 0 (the head)
-        self.shard_actors: list[list] = []  # per replica, its shards' actors
-        self.placement_groups: list = []
-        self.reducer = None
+        self.pool = ReplicaPool(cfg, self.log)
         self.timings: dict[str, float] = {}
         self.summary: dict[str, Any] = {}
         self.damaged: list[str] = []
@@ -141,59 +85,22 @@ class Job:
         if self.progress:
             print(msg, file=sys.stderr, flush=True)
 
+    @property
+    def workers(self) -> list:
+        """One actor per replica: its worker, or its shard 0 (the head)."""
+        return self.pool.workers
+
+    @property
+    def reducer(self):
+        return self.pool.reducer
+
     def start_workers(self) -> None:
-        """One worker per replica; with shards, one actor per shard in a placement group each."""
-        if self.workers:
-            return
-        c = self.cfg.cluster
-        if c.shards == 1:
-            self.workers = [remote_worker(self.cfg) for _ in range(c.replicas)]
-            self.shard_actors = [[w] for w in self.workers]
-        else:
-            layout = shard_layout(model_blocks(self.cfg.pretrained_model, self.cfg.model.trust_remote_code), c.shards)
-            for _ in range(c.replicas):
-                pg = self._placement_group()
-                place = [(pg, s) if pg is not None else None for s in range(c.shards)]
-                peers = [remote_worker(self.cfg, s, layout[s], place[s]) for s in range(1, c.shards)]
-                self.shard_actors.append([remote_worker(self.cfg, 0, layout[0], place[0], peers)] + peers)
-            self.workers = [a[0] for a in self.shard_actors]
-            self.log(f"shards: {c.replicas} replica(s) x {c.shards} shards, blocks "
-                     + ", ".join(f"[{r.start}, {r.stop})" for r, _, _ in layout))
-        self.reducer = remote_reducer(self.cfg)
-
-    def _placement_group(self):
-        """A placement group holding one replica's shards (PACK: on one node when they fit)."""
-        from ray.util.placement_group import placement_group
-
-        c = self.cfg.cluster
-        bundle = {k: v for k, v in (("CPU", c.num_cpus_per_worker), ("GPU", c.num_gpus_per_worker)) if v > 0}
-        if not bundle:
-            return None
-        pg = placement_group([bundle] * c.shards, strategy="PACK")
-        ready, _ = ray.wait([pg.ready()], timeout=c.placement_timeout_s)
-        if not ready:
-            ray.util.remove_placement_group(pg)
-            raise RuntimeError(
-                f"the cluster could not place a replica's {c.shards} shards of {bundle} each within "
-                f"{c.placement_timeout_s:.0f}s (cluster resources: {ray.cluster_resources()}); lower "
-                "cluster.replicas, cluster.shards or the per-worker resources")
-        self.placement_groups.append(pg)
-        return pg
-
-    def all_actors(self) -> list:
-        return [a for actors in self.shard_actors for a in actors]
+        self.pool.start()
 
     def stop_workers(self) -> None:
-        try:  # peak memory and parameter bytes per worker, for the summary
-            stats = ray.get([w.stats.remote() for w in self.all_actors()], timeout=30)
+        stats = self.pool.stop()
+        if stats is not None:
             self.summary["workers"] = [{k: v for k, v in st.items() if k != "parameters"} for st in stats]
-        except Exception:  # noqa: BLE001 - a dead worker must not hide the job's own outcome
-            pass
-        for w in self.all_actors() + ([self.reducer] if self.reducer is not None else []):
-            ray.kill(w)
-        for pg in self.placement_groups:
-            ray.util.remove_placement_group(pg)
-        self.workers, self.shard_actors, self.placement_groups, self.reducer = [], [], [], None
 
     def partitions(self) -> list[Partition]:
         c = self.cfg.corpus
@@ -245,23 +152,20 @@ class Job:
     def _fit_stage(self, stage: str, parts: Sequence[Partition]) -> None:
         n_shards = self.cfg.cluster.shards
         rels = [factors_rel(stage, s) for s in range(n_shards)]
-        if all(self._piece_ok(rel) for rel in rels):
+        if all(self._marker_ok(rel) for rel in rels) and not self._verify(rels):
             self.log(f"fit[{stage}]: factors already in {self.cfg.run_dir}/{rels[0].rsplit('.shard-', 1)[0]}*, skipped")
             return
         t0 = time.perf_counter()
         shares = self._shares(stage, parts)
-        names = ray.get([a.module_names.remote(stage) for a in self.shard_actors[0]])  # per shard
-        actors = self.all_actors()
-
-        def per_shard(refs: list) -> list[list]:
-            """[replica][shard] refs of the workers' partial sums."""
-            return [[r] for r in refs] if n_shards == 1 else ray.get(refs)
+        names = ray.get([a.module_names.remote(stage) for a in self.pool.shard_actors[0]])  # per shard
+        actors = self.pool.all_actors()
 
         def merged(parts_: list[list], s: int) -> list:
             out = self.reducer.merge.options(num_returns=len(names[s])).remote(names[s], *[p[s] for p in parts_])
             return out if len(names[s]) > 1 else [out]
 
-        cov_parts = per_shard([w.covariance.remote(stage, sh) for w, sh in zip(self.workers, shares)])
+        # Per replica, per shard: a ref of the shard's partial sums.
+        cov_parts = ray.get([w.fit_pass.remote(PassSpec.covariance(stage), sh) for w, sh in zip(self.workers, shares)])
         cov = [merged(cov_parts, s) for s in range(n_shards)]
         # One eigendecomposition per module, spread over the (already warm) worker actors.
         flat_cov = [c for cs in cov for c in cs]
@@ -271,7 +175,8 @@ class Job:
             bases.append(flat_bases[i:i + len(names[s])])
             i += len(names[s])
         by_shard = [dict(zip(names[s], bases[s])) for s in range(n_shards)]  # nested refs: resolved by the workers
-        lam_parts = per_shard([w.lambdas.remote(stage, sh, by_shard) for w, sh in zip(self.workers, shares)])
+        lam_spec = PassSpec.lambdas(stage, by_shard)
+        lam_parts = ray.get([w.fit_pass.remote(lam_spec, sh) for w, sh in zip(self.workers, shares)])
         lam = [merged(lam_parts, s) for s in range(n_shards)]
         e = self.cfg.ekfac
         meta = {"fisher": str(e.fisher), "fisher_samples": e.fisher_samples, "damping_spec": e.damping_for(stage),
@@ -285,40 +190,68 @@ class Job:
 
     # ----------------------------------------------------------------- index
 
-    def _piece_ok(self, rel: str, provenance: dict | None = None) -> bool:
-        """Whether a piece is complete, intact and (for index pieces) still matches the corpus."""
-        return self._verified_piece(rel, provenance) is not None
-
-    def _verified_piece(self, rel: str, provenance: dict | None = None) -> bytes | None:
-        """A complete, intact piece's bytes, if it (for corpus pieces) still matches the corpus; else None.
-
-        A damaged piece (checksum mismatch) is dropped, so it is recomputed, and counted.
-        """
+    def _marker_ok(self, rel: str, provenance: dict | None = None) -> bool:
+        """Whether a piece's marker says it is complete and (for corpus pieces) still matches the
+        corpus. Reads the marker only; the piece itself is checked by :meth:`_verify`."""
         marker = self.run.piece_done(rel)
-        if marker is None:
-            return None
-        if provenance is not None and any(marker.get(k) != v for k, v in provenance.items()):
-            return None  # the file changed, or the duplicate rows did
-        try:
-            return self.run.read_piece(rel)
-        except DamagedArtifact as e:
-            self.log(f"damaged, recomputing: {e}")
-            self.damaged.append(rel)
-            self.run.invalidate(rel)
-            return None
+        return marker is not None and (provenance is None or all(marker.get(k) == v for k, v in provenance.items()))
 
-    def _partition_done(self, part: Partition, stages: Sequence[str]) -> bool:
+    def _verify(self, rels: Sequence[str]) -> set[str]:
+        """The pieces among ``rels`` that are damaged (size or checksum), dropped so they are recomputed.
+
+        The workers read and checksum them, in parallel (:func:`ray_influence.shard_steps.verify_pieces`);
+        the driver reads no piece. Damaged pieces are logged and counted in ``rels``' order.
+        """
+        if not rels:
+            return set()
+        per = -(-len(rels) // (len(self.workers) * IN_FLIGHT_PER_WORKER))
+        chunks = [list(rels[i:i + per]) for i in range(0, len(rels), per)]
+        found: set[str] = set()
+        drain(self.workers, chunks, lambda w, c: w.verify_pieces.remote(c), lambda _, bad: found.update(bad))
+        for rel in rels:
+            if rel in found:
+                self.log(f"damaged, recomputing: {self.cfg.run_dir}/{rel}")
+                self.damaged.append(rel)
+        return found
+
+    def _partition_rels(self, part: Partition, sink: CorpusSink) -> list[str] | None:
+        """The pieces of a partition the sink finished (:meth:`CorpusSink.pieces`); None when a
+        marker is missing or the corpus changed under them."""
         prov = partition_provenance(part, self.duplicates.get(part.key))
-        ok = [self._piece_ok(index_rel(s, shard, part.key), prov) for s in stages
-              for shard in range(self.cfg.cluster.shards)]
-        ok += [self._piece_ok(docs_rel(part.key)), self._piece_ok(skipped_rel(part.key))]
-        return all(ok)
+        pieces = sink.pieces(part, self.cfg.cluster.shards)
+        if all(self._marker_ok(rel, prov if matched else None) for rel, matched in pieces):
+            return [rel for rel, _ in pieces]
+        return None
+
+    def _resume(self, parts: Sequence[Partition], sink: CorpusSink, on_result) -> list[Partition]:
+        """Feeds the partitions ``sink`` finished before to ``on_result``; returns the others (to do)."""
+        done = self._done_partitions(parts, lambda p: self._partition_rels(p, sink))
+        todo = []
+        for p in parts:
+            try:
+                result = sink.resumed(self.run, p) if p.key in done else None
+            except DamagedArtifact as e:  # a top-k piece is read here in full ([Q, k] per method)
+                self.log(f"damaged, recomputing: {e}")
+                self.damaged.append(sink.pieces(p, self.cfg.cluster.shards)[0][0])
+                self.run.invalidate(self.damaged[-1])
+                result = None
+            if result is None:
+                todo.append(p)
+            else:
+                on_result(p, result)
+        return todo
+
+    def _done_partitions(self, parts: Sequence[Partition], rels_of) -> set[str]:
+        """Keys of the partitions whose pieces (``rels_of(part)``: a list, or None when not done) are all intact."""
+        planned = {p.key: rels_of(p) for p in parts}
+        damaged = self._verify([r for rels in planned.values() if rels for r in rels])
+        return {k for k, rels in planned.items() if rels is not None and not damaged.intersection(rels)}
 
     def _corpus_pass(self, parts: Sequence[Partition], todo: Sequence[Partition], desc: str, submit,
                      on_result=None) -> dict:
         """Runs ``submit(worker, partition)`` over ``todo`` with a progress bar; the corpus counts."""
         totals = {"docs": 0, "tokens": 0, "skipped": 0, "truncated": 0, "partitions": 0}
-        bar = _progress(sum(len(p) for p in todo), desc, "doc", self.progress)
+        bar = progress_bar(sum(len(p) for p in todo), desc, "doc", self.progress)
         t0 = time.perf_counter()
 
         def on_done(part: Partition, result: dict) -> None:
@@ -332,7 +265,7 @@ class Job:
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(docs_s=f"{totals['docs'] / dt:.1f}", tok_s=f"{totals['tokens'] / dt:.0f}")
 
-        _drain(self.workers, todo, submit, on_done, retries=self.cfg.cluster.max_restarts)
+        drain(self.workers, todo, submit, on_done, retries=self.cfg.cluster.max_restarts)
         bar.close()
         totals["skipped_total"] = write_skipped_summary(self.run, parts)
         totals["partitions_total"] = len(parts)
@@ -340,12 +273,29 @@ class Job:
         totals["duplicate_ids"] = sum(len(v) for v in self.duplicates.values())
         return totals
 
+    def corpus_sink(self) -> CorpusSink:
+        """The sink of this run's corpus pass, by ``scoring.mode`` (the score sinks need the query stage done)."""
+        stages = tuple(self.stages_needed())
+        mode = self.cfg.scoring.scoring_mode
+        if mode.has_index:
+            return IndexSink(stages)
+        sink = ExactScoreSink if mode is ScoringMode.EXACT else FusedScoreSink
+        return sink(stages, tuple(m.value for m in self.cfg.methods), self.cfg.scoring.top_k, self.fused_token())
+
+    def _run_corpus(self, parts: Sequence[Partition], sink: CorpusSink, desc: str, on_result=None) -> dict:
+        """The corpus pass into ``sink`` over the partitions it has not finished; its counts.
+
+        ``on_result(partition, result)`` gets what the sink returns, of resumed partitions too.
+        """
+        on_result = on_result or (lambda part, result: None)
+        todo = self._resume(parts, sink, on_result)
+        self.log(f"{desc}: {len(parts) - len(todo)} of {len(parts)} partitions already done, {len(todo)} to go"
+                 + ("" if isinstance(sink, IndexSink) else " (scored for these queries; no index is written)"))
+        return self._corpus_pass(parts, todo, desc,
+                                 lambda w, p: w.corpus.remote(p, sink, self.duplicates.get(p.key)), on_result)
+
     def index(self, parts: Sequence[Partition]) -> None:
-        stages = self.stages_needed()
-        todo = [p for p in parts if not self._partition_done(p, stages)]
-        self.log(f"index: {len(parts) - len(todo)} of {len(parts)} partitions already done, {len(todo)} to go")
-        self.summary["index"] = self._corpus_pass(
-            parts, todo, "index", lambda w, p: w.index.remote(p, stages, self.duplicates.get(p.key)))
+        self.summary["index"] = self._run_corpus(parts, self.corpus_sink(), "index")
 
     # ----------------------------------------------------------------- query
 
@@ -361,7 +311,7 @@ class Job:
     def score(self, parts: Sequence[Partition]) -> None:
         methods = [m.value for m in self.cfg.methods]
         k = self.cfg.scoring.top_k
-        bar = _progress(len(parts), "score", "partition", self.progress)
+        bar = progress_bar(len(parts), "score", "partition", self.progress)
         merged: dict = {}
 
         def on_done(part: Partition, partial: dict) -> None:
@@ -369,9 +319,9 @@ class Job:
             _merge_into(merged, partial, k)
             bar.update(1)
 
-        _drain(self.workers, parts, lambda w, p: w.score.remote(p, methods, k), on_done)
+        drain(self.workers, parts, lambda w, p: w.score.remote(p, methods, k), on_done)
         bar.close()
-        self._write_results(parts, merged)
+        self.summary["score"] = write_result_tables(self.run, self.cfg, parts, merged)
         self.topk = merged
 
     def fused_token(self) -> str:
@@ -392,54 +342,19 @@ class Job:
     def fused_score(self, parts: Sequence[Partition]) -> None:
         """The corpus pass and the scoring in one (``scoring.mode`` exact or fused): no index is written.
 
-        exact: every document's exact gradient against the low-rank query factors
-        (:meth:`Worker.exact_score`); fused: its projected rows against the projected
-        queries (:meth:`Worker.fused_score`). Each partition's top-k is kept under
+        The corpus pass feeds a score sink (:meth:`corpus_sink`): exact, every document's
+        exact gradient against the low-rank query factors (:class:`~ray_influence.corpus_sinks.ExactScoreSink`);
+        fused, its projected rows against the projected queries
+        (:class:`~ray_influence.corpus_sinks.FusedScoreSink`). Each partition's top-k is kept under
         ``fused/<token>/`` (:meth:`fused_token`), so a rerun for the same queries scores
         only the partitions not done yet.
         """
-        stages, methods, k = self.stages_needed(), [m.value for m in self.cfg.methods], self.cfg.scoring.top_k
-        token = self.fused_token()
-        merged: dict = {}
-        todo = []
-        for p in parts:
-            data = self._verified_piece(fused_rel(token, p.key), partition_provenance(p, self.duplicates.get(p.key)))
-            if data is not None and self._piece_ok(docs_rel(p.key)) and self._piece_ok(skipped_rel(p.key)):
-                offset = p.offset - p.start
-                top = fused_from_bytes(data)[0]
-                _merge_into(merged, {m: (v, r + offset) for m, (v, r) in top.items()}, k)
-            else:
-                todo.append(p)
-        mode = self.cfg.scoring.scoring_mode.value
-        self.log(f"score ({mode}): {len(parts) - len(todo)} of {len(parts)} partitions already scored for these "
-                 f"queries, {len(todo)} to go; no index is written")
-        task = "exact_score" if mode == ScoringMode.EXACT.value else "fused_score"
-        self.summary["score_corpus"] = self._corpus_pass(
-            parts, todo, f"score ({mode})",
-            lambda w, p: getattr(w, task).remote(p, stages, self.duplicates.get(p.key), methods, k, token),
-            lambda _, result: _merge_into(merged, result.pop("top_k"), k))
-        self._write_results(parts, merged)
+        k, merged = self.cfg.scoring.top_k, {}
+        self.summary["score_corpus"] = self._run_corpus(
+            parts, self.corpus_sink(), f"score ({self.cfg.scoring.scoring_mode.value})",
+            lambda _, result: _merge_into(merged, result["top_k"], k))
+        self.summary["score"] = write_result_tables(self.run, self.cfg, parts, merged)
         self.topk = merged
-
-    def _write_results(self, parts: Sequence[Partition], merged: dict) -> None:
-        query_ids = stored_query_ids(self.run)
-        offsets = [p.offset for p in parts]
-        wanted: dict[int, set[int]] = defaultdict(set)
-        for values, positions in merged.values():
-            for pos in positions.reshape(-1).tolist():
-                wanted[bisect.bisect_right(offsets, pos) - 1].add(pos)
-        docs_by_position: dict[int, tuple[Any, str]] = {}
-        for i, positions in wanted.items():
-            part = parts[i]
-            table = read_parquet_piece(self.run, docs_rel(part.key)).to_pydict()
-            for d_id, text, row in zip(table["doc_id"], table["doc_text"], table["row"]):
-                if part.position(row) in positions:
-                    docs_by_position[part.position(row)] = (d_id, text)
-        meta = run_metadata(self.cfg)
-        for method, (values, positions) in merged.items():
-            write_results(self.run, method, results_table(query_ids, values, positions, docs_by_position), meta)
-        self.summary["score"] = {"methods": list(merged), "queries": len(query_ids), "top_k": self.cfg.scoring.top_k,
-                                 "results": f"{self.cfg.run_dir}/results"}
 
     # ---------------------------------------------------------------- tokens
 
@@ -450,30 +365,14 @@ class Job:
         (method, query) pairs to explain. Writes ``token_influence/`` and ``layer_influence/``.
         """
         from .store import TOKEN_TABLES, write_method_table
-        from .token_influence import DocRequest, influence_tables
+        from .token_influence import influence_tables
 
         top = self.cfg.scoring.token_influence_top
         query_ids = stored_query_ids(self.run)
-        offsets = [p.offset for p in parts]
-        wanted: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))  # stage -> position -> pairs
-        ranks: dict[tuple[str, int, int], int] = {}
-        for method, (_, positions) in self.topk.items():
-            stage = Method.parse(method).doc_model
-            for q in range(positions.shape[0]):
-                for r, pos in enumerate(positions[q, :top].tolist()):
-                    wanted[stage][pos].append((method, q))
-                    ranks[(method, q, pos)] = r + 1
-        chunks = []
-        for stage, by_pos in wanted.items():
-            reqs = []
-            for pos, pairs in sorted(by_pos.items()):
-                part = parts[bisect.bisect_right(offsets, pos) - 1]
-                reqs.append(DocRequest(part, pos - part.offset + part.start, pos, tuple(pairs)))
-            size = max(1, -(-len(reqs) // (len(self.workers) * IN_FLIGHT_PER_WORKER)))
-            chunks += [(stage, reqs[i:i + size]) for i in range(0, len(reqs), size)]
+        chunks, ranks = token_requests(self.topk, parts, top, len(self.workers) * IN_FLIGHT_PER_WORKER)
         terms: list = []
-        token = None if self.cfg.scoring.scoring_mode.has_index else self.fused_token()
-        _drain(self.workers, chunks, lambda w, c: w.token_terms.remote(*c, token),
+        sink = self.corpus_sink()  # where the documents' norms are
+        drain(self.workers, chunks, lambda w, c: w.token_terms.remote(*c, sink),
                lambda _, result: terms.extend(result))
         meta = run_metadata(self.cfg)
         tables = influence_tables(terms, query_ids, ranks)
@@ -487,6 +386,12 @@ class Job:
 
     # -------------------------------------------------------------------- all
 
+    def stage_runners(self, parts: Sequence[Partition]) -> dict[str, Any]:
+        """``{stage: run it}``: the dispatch table of :meth:`execute` (the score stage by ``scoring.mode``)."""
+        has_index = self.cfg.scoring.scoring_mode.has_index
+        return {"fit": lambda: self.fit(parts), "index": lambda: self.index(parts), "query": self.query,
+                "score": (lambda: self.score(parts)) if has_index else (lambda: self.fused_score(parts))}
+
     def execute(self, stage: str = "all", checked: bool = False) -> dict:
         """Runs the stages; ``checked`` says :func:`preflight` already passed for them."""
         stages = stages_of(stage, self.cfg.scoring.scoring_mode)
@@ -497,18 +402,10 @@ class Job:
         self.duplicates = duplicate_rows(parts, self.cfg.corpus.id_column)
         self.start_workers()
         try:
+            runners = self.stage_runners(parts)
             for name in stages:
                 t0 = time.perf_counter()
-                if name == "fit":
-                    self.fit(parts)
-                elif name == "index":
-                    self.index(parts)
-                elif name == "query":
-                    self.query()
-                elif name == "score" and not self.cfg.scoring.scoring_mode.has_index:
-                    self.fused_score(parts)
-                elif name == "score":
-                    self.score(parts)
+                runners[name]()
                 self.timings[name] = time.perf_counter() - t0
                 if name == "score" and self.cfg.scoring.token_influence_top:
                     t0 = time.perf_counter()
@@ -529,25 +426,6 @@ class Job:
         old["index"] = {s: sorted(p.key for p in parts if self.run.piece_done(index_rel(s, 0, p.key)))
                         for s in STAGES}
         self.run.write_json("manifest.json", old)
-
-
-def run_metadata(cfg: Config) -> dict:
-    """What a result file records about its run: models, config, versions, time."""
-    import platform
-
-    import pyarrow
-    import torch
-    import transformers
-
-    return {
-        "pretrained_model": cfg.pretrained_model,
-        "finetuned_model": cfg.finetuned_model,
-        "config": cfg.to_dict(),
-        "versions": {"ray_influence": __version__, "ray": ray.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "pyarrow": pyarrow.__version__,
-                     "python": platform.python_version()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def stages_of(stage: str, mode: ScoringMode | str = ScoringMode.INDEX) -> tuple[str, ...]:

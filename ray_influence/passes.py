@@ -16,7 +16,7 @@ workers or retries.
 from __future__ import annotations
 
 import enum
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from torch import nn
 from .capture import capture
 from .modules import ModuleSpec
 from .projection import stable_seed
-from .tokens import Batch
+from .tokens import Batch, Example
 
 
 class Labels(str, enum.Enum):
@@ -133,25 +133,103 @@ def run_pass(
     Raises:
         ValueError: if a parameter requires grad (weight gradients would be computed).
     """
+    check_frozen(model)
+    if labels is Labels.DATA and collector.samples != 1:
+        raise ValueError(f"data labels give one gradient per row; got samples={collector.samples}")
     param = next(model.parameters())
+    batch = batch.to(param.device)
+    inputs_embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
+    _, data_loss, backward = forward_step(
+        model, specs, batch, collector,
+        lambda: model(inputs_embeds=inputs_embeds, attention_mask=batch.token_mask.long()).logits,
+        labels, seed, pass_name)
+    if backward is not None:
+        with torch.enable_grad():
+            backward(inputs_embeds)
+    return data_loss
+
+
+def check_frozen(model: nn.Module) -> None:
+    """Raises ValueError if a parameter of ``model`` requires grad (backward would compute weight gradients)."""
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if trainable:
         raise ValueError(
             f"parameters {trainable[:3]} require grad; freeze the model first "
             "(ray_influence.passes.freeze) so backward computes no weight gradient"
         )
-    if labels is Labels.DATA and collector.samples != 1:
-        raise ValueError(f"data labels give one gradient per row; got samples={collector.samples}")
-    batch = batch.to(param.device)
-    embed = model.get_input_embeddings()
+
+
+def forward_step(
+    model: nn.Module,
+    specs: dict[str, ModuleSpec],
+    batch: Batch,
+    collector: Collector,
+    forward: Callable[[], torch.Tensor],
+    labels: Labels | None = None,
+    seed: int = 0,
+    pass_name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], list[torch.Tensor]] | None]:
+    """The forward of one batch with capture, and its loss: shared by :func:`run_pass` and the
+    pipelined shards (:class:`ray_influence.pipeline.ShardSession`).
+
+    Args:
+        model: the frozen module whose tracked modules ``specs`` are hooked (checked here).
+        batch: the batch, on the model's device.
+        forward: runs the forward from a leaf input the caller made; returns its output,
+            ``[B, T, V]`` logits when a loss follows, else ``[B, T, D]`` hidden states.
+        labels: None when no loss is taken here (a shard before the last).
+
+    Returns:
+        ``(output, data losses [B] float64 or None, backward or None)``: the last two are
+        :func:`loss_terms`' (None without ``labels``).
+    """
+    check_frozen(model)
     with torch.enable_grad():
-        inputs_embeds = embed(batch.input_ids).detach().requires_grad_(True)
         with capture(model, specs, batch.token_mask, collector.on_grad, collector.keep_input):
-            logits = model(inputs_embeds=inputs_embeds, attention_mask=batch.token_mask.long()).logits
-            data_loss, backward = loss_terms(logits, batch, labels, seed, pass_name, collector.samples)
-            if backward is not None:
-                backward(inputs_embeds)
-    return data_loss
+            out = forward()
+        if labels is None:
+            return out, None, None
+        data_loss, backward = loss_terms(out, batch, labels, seed, pass_name, collector.samples)
+    return out, data_loss, backward
+
+
+RunGroups = Callable[[Sequence[list[Example]]], Iterable[tuple[list[Example], torch.Tensor]]]
+"""Runs micro-batches (groups of examples) into a collector; yields ``(group, data losses [B])``
+per group, in order; a group with a NaN loss reached no collector."""
+
+
+def run_with_rerun(groups: Sequence[list[Example]], run: RunGroups, window: int | None = None,
+                   ) -> tuple[list[str], torch.Tensor, list[str]]:
+    """The skip-and-rerun loop of non-finite rows, for one process and for pipelined shards.
+
+    Groups run ``window`` at a time (None: all at once); after each window, every group
+    that held a row with a non-finite loss (and so reached no collector) is rerun without
+    those rows, which are returned as skipped.
+
+    Returns:
+        ``(kept keys in collector order, their data losses [N] float64, skipped keys)``.
+    """
+    kept: list[str] = []
+    losses: list[torch.Tensor] = []
+    skipped: list[str] = []
+    window = window or max(len(groups), 1)
+    for w0 in range(0, len(groups), window):
+        rerun = []
+        for group, loss in run(groups[w0:w0 + window]):
+            bad = (~torch.isfinite(loss)).tolist()
+            if not any(bad):
+                kept += [e.key for e in group]
+                losses.append(loss)
+                continue
+            skipped += [e.key for e, b in zip(group, bad) if b]
+            if not all(bad):
+                rerun.append([e for e, b in zip(group, bad) if not b])
+        for group, loss in run(rerun) if rerun else ():
+            # Rows that were finite in a batch stay finite alone (rows do not interact).
+            assert bool(torch.isfinite(loss).all()), "a row became non-finite once its batch shrank"
+            kept += [e.key for e in group]
+            losses.append(loss)
+    return kept, (torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)), skipped
 
 
 def loss_terms(

@@ -24,9 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .capture import capture
 from .modules import ModuleSpec
-from .passes import Collector, Labels, loss_terms
+from .passes import Collector, Labels, forward_step, run_with_rerun
 from .shard_model import ShardModel
 from .tokens import Batch, Example, batches, collate
 
@@ -85,20 +84,19 @@ class ShardSession:
         """
         sh = self.shard
         batch = batch.to(sh.device)
+        if sh.first:
+            x = sh.embed(batch.input_ids).detach().requires_grad_(True)
+        else:
+            x = hidden.to(sh.device).detach().requires_grad_(True)
+        out, data_loss, backward = forward_step(
+            sh.model, self.specs, batch, self.collector, lambda: sh.forward(x, batch.token_mask),
+            self.labels if sh.last else None, self.seed, self.pass_name)
+        if not sh.last:
+            self._pending[bid] = (x, out, batch)
+            return out.detach().cpu()  # through the object store; the next shard moves it to its device
+        if backward is None:
+            return Step(data_loss, None)
         with torch.enable_grad():
-            if sh.first:
-                x = sh.embed(batch.input_ids).detach().requires_grad_(True)
-            else:
-                x = hidden.to(sh.device).detach().requires_grad_(True)
-            with capture(sh.model, self.specs, batch.token_mask, self.collector.on_grad, self.collector.keep_input):
-                out = sh.forward(x, batch.token_mask)
-            if not sh.last:
-                self._pending[bid] = (x, out, batch)
-                return out.detach().cpu()  # through the object store; the next shard moves it to its device
-            data_loss, backward = loss_terms(out, batch, self.labels, self.seed, self.pass_name,
-                                             self.collector.samples)
-            if backward is None:
-                return Step(data_loss, None)
             grads = backward(x)
         self._done(batch)
         return Step(data_loss, torch.stack(grads).detach().cpu())
@@ -143,15 +141,10 @@ def pipelined_batches(
     import ray
 
     window = window or 2 * (len(peers) + 1)
-    groups = batches(sorted(examples, key=len), max_tokens)
-    kept: list[str] = []
-    losses: list[torch.Tensor] = []
-    skipped: list[str] = []
     next_bid = 0
 
-    def run(groups: list[list[Example]]) -> list[tuple[list[Example], Step]]:
+    def run(groups: Sequence[list[Example]]):
         nonlocal next_bid
-        out = []
         for w0 in range(0, len(groups), window):
             flights = []
             for group in groups[w0:w0 + window]:
@@ -167,23 +160,7 @@ def pipelined_batches(
                     ref = peer.shard_backward.remote(sid, bid, ref)
                 backs.append((bid, group, ref))
             for bid, group, ref in backs:
-                step = ray.get(ref)
-                out.append((group, head.backward(bid, step)))
-        return out
+                yield group, head.backward(bid, ray.get(ref)).losses
 
-    rerun = []
-    for group, step in run(groups):
-        if step.finite:
-            kept += [e.key for e in group]
-            losses.append(step.losses)
-            continue
-        bad = (~torch.isfinite(step.losses)).tolist()
-        skipped += [e.key for e, b in zip(group, bad) if b]
-        if any(not b for b in bad):
-            rerun.append([e for e, b in zip(group, bad) if not b])
-    for group, step in run(rerun):
-        # Rows that were finite in a batch stay finite alone (rows do not interact).
-        assert step.finite, "a row became non-finite once its batch shrank"
-        kept += [e.key for e in group]
-        losses.append(step.losses)
-    return kept, (torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)), skipped
+    # One window of all the groups: the pipeline windows them itself; non-finite rows rerun at the end.
+    return run_with_rerun(batches(sorted(examples, key=len), max_tokens), run)

@@ -3,7 +3,7 @@
 Plain functions, run by one small Ray actor (:func:`remote_reducer`); their arguments
 arrive as Ray object references that Ray resolves in the actor, so partial sums go from
 worker to reducer without passing through the driver. The eigendecompositions run as
-one task per module on the worker actors (:meth:`ray_influence.worker.Worker.eigendecompose`),
+one task per module on the worker actors (:meth:`ray_influence.worker.ReplicaActor.eigendecompose`),
 which are warm processes already: zero-CPU tasks would make Ray start (and import torch
 in) a new process for each.
 """

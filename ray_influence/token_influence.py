@@ -17,9 +17,9 @@ output rows, ``i`` input columns, ``r`` the (method, query) pairs explained on t
 Layout: ``a: [1, T, d_in']`` (projected ``[1, T, k]``), ``g: [1, T, d_out]`` (``[1, T, k]``),
 ``u: [R, d_out, d_in']`` (``[R, k, k]``).
 
-The terms are computed where the models already are: :func:`worker_token_terms` runs
-inside a :class:`ray_influence.worker.Worker` actor (:meth:`~ray_influence.worker.Worker.token_terms`) and uses its
-loaded models, tokenizer and file cache.
+The terms are computed where the models already are: :func:`replica_token_terms` runs on
+a replica's head, inside its worker actor (:meth:`~ray_influence.worker.ReplicaActor.token_terms`),
+and uses its loaded models, tokenizer and file cache.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class DocRequest:
 
 @dataclass(frozen=True)
 class DocTerms:
-    """What :func:`worker_token_terms` returns for one :class:`DocRequest`.
+    """What :func:`replica_token_terms` returns for one :class:`DocRequest`.
 
     Attributes:
         doc_id: the document's id.
@@ -155,36 +155,39 @@ class DocTerms:
     blocks: tuple[int, ...]
 
 
-def worker_token_terms(worker, stage: str, requests: Sequence[DocRequest], fused_token: str | None = None) -> list[DocTerms]:
-    """Runs inside a Worker actor: the terms of each requested document at ``stage``'s model.
+def replica_token_terms(replica, stage: str, requests: Sequence[DocRequest], sink) -> list[DocTerms]:
+    """Runs on a replica's head: the terms of each requested document at ``stage``'s model.
 
     Args:
-        worker: the :class:`ray_influence.worker.Worker` (its models, tokenizer, file cache);
-            for a sharded replica its head, which gathers every shard's modules.
+        replica: the :class:`ray_influence.replica.Replica` (its host's models, tokenizer and
+            file cache); a sharded replica gathers every shard's modules.
         stage: ``pretrained`` or ``finetuned`` (the methods' document model).
         requests: the documents, each with the (method, query) pairs to explain.
-        fused_token: a fused pass's token: the documents' norms (cosine methods) come from
-            its pieces, as there is no index.
+        sink: the corpus pass's :class:`~ray_influence.corpus_sinks.CorpusSink`: the documents'
+            norms (cosine methods) come from its pieces (index or top-k pieces).
     """
-    tok = worker.tokenizer("pretrained")
-    modules, blocks = worker.module_table(stage)
+    from .score_stage import example_terms, module_table, query_sqnorms
+
+    host = replica.host
+    tok = host.tokenizer("pretrained")
+    modules, blocks = module_table(replica, stage)
     query_sq = None
     doc_sq: dict[str, dict[int, float]] = {}
     out = []
     for req in requests:
-        docs, _ = worker.corpus_documents(req.part)
+        docs, _ = host.corpus_documents(req.part)
         doc = next(d for d in docs if d.row == req.row)
-        example = worker.corpus_examples([doc])[0]
-        terms = worker.example_terms(stage, example, req.pairs)  # [M, R, T]
+        example = host.corpus_examples([doc])[0]
+        terms = example_terms(replica, stage, example, req.pairs)  # [M, R, T]
         if terms is None:
             continue
         scale = torch.ones(len(req.pairs), dtype=TERM_DTYPE)
         for r, (m, q) in enumerate(req.pairs):
             if Method.parse(m).cosine:
                 if query_sq is None:
-                    query_sq = worker.query_sqnorms()
+                    query_sq = query_sqnorms(replica)
                 if req.part.key not in doc_sq:
-                    doc_sq[req.part.key] = worker.doc_sqnorms(stage, req.part, fused_token)
+                    doc_sq[req.part.key] = sink.doc_sqnorms(replica, stage, req.part)
                 norm = (query_sq[m][q] * doc_sq[req.part.key][req.row]) ** 0.5
                 scale[r] = 1 / max(norm, torch.finfo(TERM_DTYPE).tiny)
         terms = terms * scale[None, :, None]

@@ -19,7 +19,7 @@ from ray_influence.data import InputError, check_columns, list_files, plan_parti
 from ray_influence.preflight import check_finetune_data, check_queries
 from ray_influence.query_input import load_queries
 from ray_influence.toy import word_tokenizer
-from ray_influence.worker import Worker
+from ray_influence.worker import ReplicaActor as Worker
 
 CORPUS = [{"key": f"d{i}", "body": f"text of document {i}", "text": None} for i in range(5)]
 PAIRS = [{"qid": f"q{i}", "instruction": f"question {i}", "response": f" answer {i}"} for i in range(4)]

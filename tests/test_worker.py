@@ -12,7 +12,7 @@ from ray_influence.data import list_files, plan_partitions
 from ray_influence.rundir import DamagedArtifact, RunDir
 from ray_influence.scoring import flatten
 from ray_influence.store import index_rel, read_index_piece
-from ray_influence.worker import Worker
+from ray_influence.worker import ReplicaActor as Worker
 
 import pytest
 
