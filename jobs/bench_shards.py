@@ -78,7 +78,7 @@ def one(world: dict, shards: int, args) -> dict:
         "corpus": {"path": str(root / "corpus.parquet"), "max_length": args.max_len,
                    "partition_docs": args.partition_docs},
         "finetune_data": {"path": str(root / "ft.jsonl")}, "queries": {"path": str(root / "q.jsonl")},
-        "projection": {"dim": args.dim}, "scoring": {"methods": ["multi_stage"], "top_k": 10},
+        "projection": {"dim": args.dim}, "scoring": {"methods": ["multi_stage"], "top_k": 10, "mode": "index"},
         "cluster": {"replicas": 1, "shards": shards, "num_cpus_per_worker": args.cpus / shards,
                     "max_tokens_per_batch": args.max_tokens},
     })

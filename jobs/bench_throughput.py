@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
@@ -301,10 +302,8 @@ def bench_job(args) -> dict:
     """The whole job on local Ray: stage times and worker memory at N, 2N, 4N docs; replicas."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
-    from ray_influence.config import config_from_dict
-    from ray_influence.driver import run_job
+    from local_job import run_local
     from ray_influence.toy import save_toy_pair, word_text, word_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bench-job-"))
@@ -332,16 +331,10 @@ def bench_job(args) -> dict:
                                                                "partition_docs": 64},
                "finetune_data": {"path": str(root / "ft.jsonl")}, "queries": {"path": str(root / "q.jsonl")},
                "ekfac": {"covariance_max_docs": 128}, "projection": {"dim": args.dim},
-               "scoring": {"methods": ["multi_stage"], "top_k": 10, "fused": fused},
+               "scoring": {"methods": ["multi_stage"], "top_k": 10, "mode": "fused" if fused else "index"},
                "cluster": {"replicas": replicas, "num_cpus_per_worker": cpus // replicas,
                            "max_tokens_per_batch": args.max_tokens}}
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        try:
-            t0 = time.perf_counter()
-            summary = run_job(config_from_dict(cfg), progress=False)
-            wall = time.perf_counter() - t0
-        finally:
-            ray.shutdown()
+        summary, wall = run_local(cfg, cpus)
         idx = summary["score_corpus" if fused else "index"]
         corpus_s = summary["timings"]["score" if fused else "index"]
         return {"docs": n_docs, "replicas": replicas, "cpus": cpus, "fused": fused, "wall_s": wall,

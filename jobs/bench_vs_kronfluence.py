@@ -40,9 +40,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from local_job import run_local  # noqa: E402
 from ray_influence.config import DEFAULT_QUERY_RANK, config_from_dict  # noqa: E402
 from ray_influence.models import load_model, load_tokenizer  # noqa: E402
 from ray_influence.modules import find_tracked_modules  # noqa: E402
@@ -157,21 +159,11 @@ def run_kronfluence(model, modules: list[str], ft: list[Example], corpus: list[E
 
 def run_ours(world, rank: int, n_docs: int, args, run_dir: str) -> tuple[dict, dict]:
     """The job (single_stage, every pair kept) on a local Ray; ``({query_id: {doc_id: score}}, seconds)``."""
-    import ray
-
     cfg = job_config(world, run_dir, ekfac={"fisher": "empirical", "damping": "auto"},
                      scoring={"methods": ["single_stage"], "top_k": n_docs, "query_rank": rank,
                               "token_influence_top": 0})
     cfg["cluster"] = {"replicas": 2, "num_cpus_per_worker": args.threads / 2}
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    try:
-        from ray_influence.driver import run_job
-
-        t0 = time.perf_counter()
-        summary = run_job(config_from_dict(cfg), progress=False)
-        wall = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
+    summary, wall = run_local(cfg, args.threads)
     scores: dict = {}
     for r in read_results(run_dir):
         scores.setdefault(str(r["query_id"]), {})[str(r["doc_id"])] = r["score"]
