@@ -47,11 +47,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from bench_quality import Bench, bm25_rows, damping_value, random_row, with_damping, write_doc_section  # noqa: E402
+from bench_quality import (Bench, bm25_rows, damping_value, precondition, random_row, with_damping,
+                           write_doc_section)  # noqa: E402
 from ray_influence import lowrank  # noqa: E402
 from ray_influence.config import DEFAULT_QUERY_RANK, EkfacConfig  # noqa: E402
 from ray_influence.ekfac import Fisher, ihvp  # noqa: E402
-from ray_influence.scoring import flatten  # noqa: E402
+from ray_influence.scoring import Method, flatten  # noqa: E402
 from ray_influence.world import WORLD_FAMILY, FamilyWorld, finetune_distance  # noqa: E402
 
 MARKS = ("<!-- bench_defaults:start -->", "<!-- bench_defaults:end -->")
@@ -147,7 +148,6 @@ def hpt_check(bench: Bench, st: dict, sweep: dict, args) -> dict:
     (``--pt-docs``), mean over seeds: ``{"<fisher>|<all or n>": mrr}``."""
     out = {}
     for fname in args.fishers:
-        fisher, samples = parse_fisher(fname)
         for n_pt in args.pt_docs:
             col = f"{fname}|{'all' if n_pt >= ALL_DOCS else n_pt}"
             if n_pt >= len(bench.docs):
@@ -155,10 +155,8 @@ def hpt_check(bench: Bench, st: dict, sweep: dict, args) -> dict:
                 continue
             cells = []
             for seed in args.seeds:
-                fft0, fpt0 = bench.factors(seed, samples, n_pt, fisher)
-                fft = with_damping(fft0, damping_value(st["damping_ft"]))
-                fpt = with_damping(fpt0, damping_value(st["damping_pt"]))
-                u = {n: ihvp(ihvp(t, fft[n]), fpt[n]) for n, t in bench.q_grads.items()}
+                fft, fpt = damped_factors(bench, {**st, "fisher": fname}, seed, n_pt)
+                u = precondition(Method.MULTI_STAGE, bench.q_grads, fft, fpt)
                 cells.append(mrr(bench, score(bench, u, "pretrained")))
             out[col] = mean_of(cells)
     return out
@@ -250,11 +248,16 @@ def choose(sweeps: dict, tuning: list[str], args) -> tuple[dict, list[dict]]:
     return chosen, sorted(table, key=lambda t: -t["worst"])
 
 
+def damped_factors(bench: Bench, st: dict, seed: int, pt_docs: int = ALL_DOCS) -> tuple[dict, dict]:
+    """(H_ft, H_pt) factors of setting ``st`` (its Fisher and both dampings), H_pt on ``pt_docs`` documents."""
+    fisher, samples = parse_fisher(st["fisher"])
+    fft0, fpt0 = bench.factors(seed, samples, pt_docs, fisher)
+    return with_damping(fft0, damping_value(st["damping_ft"])), with_damping(fpt0, damping_value(st["damping_pt"]))
+
+
 def rank_check(bench: Bench, st: dict, seed: int, rank: int) -> dict:
     """multi/single MRR at ``st`` exact and with each module's query cut to ``rank`` (the default pass)."""
-    fisher, samples = parse_fisher(st["fisher"])
-    fft0, fpt0 = bench.factors(seed, samples, ALL_DOCS, fisher)
-    fft, fpt = with_damping(fft0, damping_value(st["damping_ft"])), with_damping(fpt0, damping_value(st["damping_pt"]))
+    fft, fpt = damped_factors(bench, st, seed)
     uf = {n: ihvp(t, fft[n]) for n, t in bench.q_grads.items()}
     out = {}
     for name, u, stage in (("single_stage", uf, "finetuned"),

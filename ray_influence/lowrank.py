@@ -29,6 +29,7 @@ pass scores), ``k`` the rank.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,7 @@ def dense(f: QueryFactors) -> torch.Tensor:
 
 def concat(parts: list[QueryFactors]) -> QueryFactors:
     """The factors of consecutive query blocks as one (the rank is the same in every block)."""
-    return QueryFactors(*(torch.cat([getattr(p, f) for p in parts]) for f in ("left", "right", "sqnorm", "kept")))
+    return QueryFactors(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(QueryFactors)))
 
 
 def forms_gradient(n_tokens: int, d_in: int, d_out: int, n_queries: int, rank: int) -> bool:
